@@ -1,0 +1,70 @@
+r"""Pretrains a DeepSeek-V3-architecture model on the built-in synthetic addition task.
+
+  python -m experiments.pretrain --preset=tiny --num_steps=300
+
+Prints the loss every --log_every steps; on a 2-core CPU the tiny preset runs 300 steps in about
+a minute, the loss falling from ~5.6 to ~1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import jax
+from absl import app, flags
+
+from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
+from r1jax import ModelConfig, param_count
+from r1jax.train.loop import TrainConfig, check_fits, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "tiny", "Model preset: tiny | small | v2_lite | v3_671b.")
+flags.DEFINE_string("moe_impl", "auto", "MoE dispatch implementation: auto | xla | reference.")
+flags.DEFINE_integer("num_steps", 300, "Training steps.")
+flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
+flags.DEFINE_integer("seq_len", 64, "Tokens per sequence.")
+flags.DEFINE_float("learning_rate", 3e-3, "Peak AdamW learning rate.")
+flags.DEFINE_integer("seed", 0, "Seed for params and data.")
+flags.DEFINE_float("mtp_weight", 0.3, "Weight lambda of the multi-token-prediction loss.")
+flags.DEFINE_float("bias_update_speed", 1e-3, "Aux-loss-free balancing speed gamma.")
+flags.DEFINE_integer("log_every", 25, "Print the loss every this many steps.")
+
+
+def configs_from_flags() -> tuple[ModelConfig, TrainConfig]:
+  """Builds and validates both configs; a ValueError names the field (= the flag)."""
+  model_cfg = ModelConfig.from_preset(FLAGS.preset, moe_impl=FLAGS.moe_impl)
+  train_cfg = TrainConfig(
+    num_steps=FLAGS.num_steps,
+    batch_size=FLAGS.batch_size,
+    seq_len=FLAGS.seq_len,
+    learning_rate=FLAGS.learning_rate,
+    seed=FLAGS.seed,
+    log_every=FLAGS.log_every,
+    mtp_weight=FLAGS.mtp_weight,
+    bias_update_speed=FLAGS.bias_update_speed,
+  )
+  check_fits(model_cfg, train_cfg)
+  return model_cfg, train_cfg
+
+
+def main(argv):
+  if len(argv) > 1:
+    exit_on_bad_input(f"unexpected arguments {argv[1:]}; pass everything as --flag=value")
+  try:
+    model_cfg, train_cfg = configs_from_flags()
+  except ValueError as err:
+    exit_on_bad_input(str(err))
+  print(
+    f"r1jax pretrain: preset {FLAGS.preset}, {param_count(model_cfg):,} params, "
+    f"{jax.device_count()} {jax.default_backend()} device(s)"
+  )
+  print(f"train config: {dataclasses.asdict(train_cfg)}")
+  history = train(model_cfg, train_cfg)
+  first, last = history[0]["loss"], history[-1]["loss"]
+  print(f"loss {first:.4f} -> {last:.4f} over {train_cfg.num_steps} steps")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags_or_exit)

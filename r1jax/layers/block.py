@@ -1,0 +1,75 @@
+"""One pre-norm decoder block: h += MLA(RMSNorm(h)); h += FFN(RMSNorm(h)).
+
+Dims: b batch, s sequence, m model dim. The FFN is a dense SwiGLU for the first
+`first_k_dense_replace` layers and a DeepSeekMoE block after that.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from r1jax.config import ModelConfig
+from r1jax.layers.mla import MLA
+from r1jax.layers.mlp import MLP
+from r1jax.layers.moe import MoE
+from r1jax.layers.norm import RMSNorm
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+class DecoderBlock(nn.Module):
+  """Attention and FFN sub-blocks with their pre-norms; usable under nn.scan (returns a carry)."""
+
+  cfg: ModelConfig
+  use_moe: bool
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, h, positions, segment_ids=None):
+    """h [b, s, m] -> (h [b, s, m], None); the None makes the block a scan body."""
+    cfg = self.cfg
+    h = nn.with_logical_constraint(h, ACTIVATION_AXES)
+    attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype=cfg.param_dtype, name="attn_norm")(h)
+    h = h + MLA(cfg, self.decode, name="attn")(attn_in, positions, segment_ids)
+    ffn_in = RMSNorm(cfg.rms_norm_eps, param_dtype=cfg.param_dtype, name="ffn_norm")(h)
+    if self.use_moe:
+      h = h + MoE(cfg, name="moe")(ffn_in)
+    else:
+      h = h + MLP(cfg, cfg.intermediate_size, name="mlp")(ffn_in)
+    return nn.with_logical_constraint(h, ACTIVATION_AXES), None
+
+
+def block_stack(cfg: ModelConfig, use_moe: bool, length: int, decode: bool):
+  """`length` DecoderBlocks with params stacked on a leading "layers" axis.
+
+  nn.scan traces the block once, so compile time does not grow with depth. Non-param state
+  (cache, router bias, MoE statistics) is stacked per layer the same way.
+  """
+  if not cfg.scan_layers:
+    return _Unrolled(cfg, use_moe, length, decode)
+  scanned = nn.scan(
+    DecoderBlock,
+    variable_axes={"params": 0, "cache": 0, "router_bias": 0, "moe_stats": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast, nn.broadcast),
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  return scanned(cfg, use_moe, decode)
+
+
+class _Unrolled(nn.Module):
+  """The same stack as a Python loop (scan_layers=False), e.g. to inspect one layer."""
+
+  cfg: ModelConfig
+  use_moe: bool
+  length: int
+  decode: bool
+
+  @nn.compact
+  def __call__(self, h, positions, segment_ids=None):
+    for i in range(self.length):
+      h, _ = DecoderBlock(self.cfg, self.use_moe, self.decode, name=f"layer_{i}")(
+        h, positions, segment_ids
+      )
+    return h, None

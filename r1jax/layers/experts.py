@@ -1,0 +1,133 @@
+"""Routed experts: each token's K chosen SwiGLU experts, through the dispatch ops.
+
+Dims: T tokens, D model, F expert ffn, E experts, K experts per token, R = T*K sorted rows,
+C expert capacity.
+
+  x_sorted, group_sizes, perm = permute(x, experts, E)    [R, D]   rows sorted by expert
+  h   = gmm(x_sorted, wi, group_sizes)                     [R, 2F]  wi [E, D, 2F] = [gate | up]
+  a   = silu(h[:, :F]) * h[:, F:]                          [R, F]
+  y   = gmm(a, wo, group_sizes)                            [R, D]   wo [E, F, D]
+  out = unpermute(y, perm, weights)                        [T, D]   out[t] = sum_k w[t,k] y[t,k]
+
+The gate and up projections share one grouped matmul (wi holds the gate columns, then the up
+columns). Compute runs in x.dtype with float32 accumulation.
+
+Dropless by default (DeepSeek drops no tokens). With a capacity factor cf, expert e accepts at
+most C = ceil(cf * T * K / E) pairs, first come first served in token order. A dropped pair
+gets weight zero and the extra expert id E, which the stable sort places behind every kept
+row; the grouped matmuls stop at sum(group_sizes[:E]) and leave those rows zero, so dropped
+pairs cost no expert FLOPs and contribute nothing to the output or to any gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import gmm, inverse_permutation, permute, unpermute
+
+
+def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
+  """C = ceil(capacity_factor * T * K / E), the most pairs one expert accepts."""
+  if not capacity_factor > 0:
+    raise ValueError(f"capacity_factor must be > 0 (None for dropless), got {capacity_factor}")
+  return math.ceil(capacity_factor * tokens * top_k / num_experts)
+
+
+def capacity_mask(experts: jax.Array, num_experts: int, capacity: int) -> jax.Array:
+  """Which pairs their expert accepts: the first `capacity` in token order.
+
+  Args:
+    experts: [T, K] int32 expert ids.
+    num_experts: E.
+    capacity: C.
+
+  Returns:
+    [T, K] bool, True where the pair is kept.
+  """
+  flat = experts.reshape(-1)
+  # Stable sort: within an expert, pairs stay in token order, so a pair's rank inside its
+  # expert is its sorted position minus where the expert's run starts.
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  sorted_ids = flat[order]
+  starts = jnp.searchsorted(sorted_ids, jnp.arange(num_experts, dtype=flat.dtype), side="left")
+  rank_sorted = jnp.arange(flat.shape[0], dtype=jnp.int32) - starts[sorted_ids]
+  rank = rank_sorted[inverse_permutation(order)]
+  return (rank < capacity).reshape(experts.shape)
+
+
+def _check_shapes(x, weights, experts, wi, wo):
+  t, d = x.shape
+  e, _, two_f = wi.shape
+  if weights.shape != experts.shape or experts.shape[0] != t:
+    raise ValueError(
+      f"routed_experts: weights {weights.shape} and experts {experts.shape} must be [T={t}, K]"
+    )
+  if wi.shape[1] != d or two_f % 2 or wo.shape != (e, two_f // 2, d):
+    raise ValueError(
+      f"routed_experts: need wi [E, D, 2F] and wo [E, F, D] with D={d}; "
+      f"got wi {wi.shape}, wo {wo.shape}"
+    )
+
+
+def routed_experts(
+  x: jax.Array,
+  weights: jax.Array,
+  experts: jax.Array,
+  wi: jax.Array,
+  wo: jax.Array,
+  *,
+  impl: str = "auto",
+  capacity_factor: float | None = None,
+) -> jax.Array:
+  """Weighted sum of each token's K routed SwiGLU experts.
+
+  Args:
+    x: [T, D] tokens.
+    weights: [T, K] routing weights.
+    experts: [T, K] int32 expert ids.
+    wi: [E, D, 2F] gate then up projections.
+    wo: [E, F, D] down projections.
+    impl: dispatch-op implementation, "auto" | "xla" | "reference" | "pallas".
+    capacity_factor: None for dropless; else each expert keeps its first
+      ceil(capacity_factor * T * K / E) pairs in token order and drops the rest.
+
+  Returns:
+    [T, D] in x.dtype.
+  """
+  x, weights, experts, wi, wo = map(jnp.asarray, (x, weights, experts, wi, wo))
+  _check_shapes(x, weights, experts, wi, wo)
+  t, k = experts.shape
+  e, f = wo.shape[0], wo.shape[1]
+  num_ids = e
+  if capacity_factor is not None:
+    keep = capacity_mask(experts, e, expert_capacity(capacity_factor, t, k, e))
+    weights = jnp.where(keep, weights, 0)
+    experts = jnp.where(keep, experts, e)  # the overflow id, sorted behind the kept rows
+    num_ids = e + 1
+  x_sorted, group_sizes, perm = permute(x, experts, num_ids, impl=impl)
+  group_sizes = group_sizes[:e]
+  h = gmm(x_sorted, wi.astype(x.dtype), group_sizes, impl=impl)
+  a = jax.nn.silu(h[:, :f]) * h[:, f:]
+  y = gmm(a, wo.astype(x.dtype), group_sizes, impl=impl)
+  return unpermute(y, perm, weights, impl=impl)
+
+
+def routed_experts_dense_reference(
+  x: jax.Array, weights: jax.Array, experts: jax.Array, wi: jax.Array, wo: jax.Array
+) -> jax.Array:
+  """Every expert on every token, combined with a dense [T, E] weight matrix.
+
+  The independent check of `routed_experts` (dropless): E times the work, no dispatch ops.
+  Arguments and result as in `routed_experts`.
+  """
+  x, weights, experts, wi, wo = map(jnp.asarray, (x, weights, experts, wi, wo))
+  _check_shapes(x, weights, experts, wi, wo)
+  e, f = wo.shape[0], wo.shape[1]
+  dense_w = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32) * weights[..., None], axis=1)
+  h = jnp.einsum("td,edf->tef", x, wi.astype(x.dtype), preferred_element_type=jnp.float32)
+  a = jax.nn.silu(h[..., :f]) * h[..., f:]
+  y = jnp.einsum("tef,efd->ted", a, wo.astype(jnp.float32))
+  return jnp.einsum("ted,te->td", y, dense_w).astype(x.dtype)

@@ -1,0 +1,110 @@
+"""One training step: LM + lambda * MTP + sequence balance loss, AdamW, aux-loss-free bias update.
+
+The correction bias of every MoE layer ("router_bias" collection) is moved after the optimizer
+step, outside the gradient, by gamma * sign(mean load - load) from the batch-wide expert counts
+(DeepSeek-V3 section 2.1.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from r1jax.model import Transformer
+from r1jax.train.losses import mtp_loss, next_token_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  router_bias: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  mtp_weight: float = 0.3  # lambda; V3 used 0.3, then 0.1 for the last 4.8T tokens.
+  bias_update_speed: float = 1e-3  # gamma; 0 freezes the correction bias.
+
+
+def init_state(model: Transformer, tokens, optimizer: optax.GradientTransformation, rng):
+  variables = model.init(rng, tokens)
+  params = variables["params"]
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    router_bias=variables.get("router_bias", {}),
+    opt_state=optimizer.init(params),
+  )
+
+
+def loss_fn(params, router_bias, model: Transformer, tokens, mask, loss_cfg: LossConfig):
+  """Returns (total loss, metrics); metrics carry the per-layer expert load for the bias update."""
+  variables = {"params": params}
+  if router_bias:
+    variables["router_bias"] = router_bias
+  (logits, mtp_logits), stats = model.apply(variables, tokens, mtp=True, mutable=["moe_stats"])
+  lm = next_token_loss(logits, tokens, mask)
+  mtp = mtp_loss(mtp_logits, tokens, mask)
+  stats = stats.get("moe_stats", {})
+  balance = sum(jnp.sum(x) for x in jax.tree.leaves(_pick(stats, "balance_loss")))
+  total = lm + loss_cfg.mtp_weight * mtp + balance
+  metrics = {"loss": total, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance}
+  return total, (metrics, _pick(stats, "expert_load"))
+
+
+def _pick(tree, leaf_name):
+  """The sub-tree of a nested dict keeping only leaves called `leaf_name`."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == leaf_name:
+      out[key] = value
+    elif isinstance(value, dict):
+      sub = _pick(value, leaf_name)
+      if sub:
+        out[key] = sub
+  return out
+
+
+def update_router_bias(router_bias, expert_load, speed: float):
+  """b_i += gamma * sign(mean_i(c) - c_i) for every MoE layer (load trees mirror bias trees)."""
+  if not router_bias or speed == 0.0:
+    return router_bias
+
+  def move(bias_tree, load_tree):
+    if isinstance(bias_tree, dict):
+      return {k: move(bias_tree[k], load_tree[_load_key(k)]) for k in bias_tree}
+    mean = jnp.mean(load_tree, axis=-1, keepdims=True)
+    return bias_tree + speed * jnp.sign(mean - load_tree)
+
+  return move(router_bias, expert_load)
+
+
+def _load_key(bias_key: str) -> str:
+  return "expert_load" if bias_key == "correction_bias" else bias_key
+
+
+def make_train_step(model: Transformer, optimizer, loss_cfg: LossConfig = LossConfig()):
+  """A jitted (state, tokens, mask) -> (state, metrics)."""
+
+  def step(state: TrainState, tokens, mask):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (metrics, load)), grads = grad_fn(
+      state.params, state.router_bias, model, tokens, mask, loss_cfg
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    bias = update_router_bias(state.router_bias, load, loss_cfg.bias_update_speed)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new = state.replace(step=state.step + 1, params=params, router_bias=bias, opt_state=opt_state)
+    return new, metrics
+
+  return jax.jit(step)
