@@ -9,31 +9,45 @@ from __future__ import annotations
 import numpy as np
 
 
-def np_gate(logits, bias, *, top_k, score_func, n_group, topk_group, group_score, norm, scale):
-  """SPEC 5.2/5.3: returns (weights [T, K], experts [T, K]) with experts in descending order."""
-  logits = np.asarray(logits, np.float64)
-  if score_func == "sigmoid":
-    s = 1.0 / (1.0 + np.exp(-logits))
-  else:
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    s = z / z.sum(-1, keepdims=True)
-  sel = s + (0.0 if bias is None else np.asarray(bias, np.float64))
-  t, e = s.shape
-  if n_group > 1:
-    grouped = sel.reshape(t, n_group, e // n_group)
-    if group_score == "top2sum":
-      gscore = np.sort(grouped, -1)[..., -2:].sum(-1)
+def _assert_no_near_tie(descending, cut):
+  """float32 and float64 scores must agree on which side of the cut each entry falls."""
+  if cut < len(descending) and np.isfinite(descending[cut]):
+    assert descending[cut - 1] - descending[cut] > 1e-5, "near-tie: pick another seed"
+
+
+def np_route(logits, bias, *, top_k, score_func, n_group, topk_group, group_score, norm, scale):
+  """The gate of SPEC 5.2/5.3, one token at a time, in float64: (weights [T, K], experts [T, K]).
+
+  Experts come in descending order of selection score; a near-tie at a cut fails loudly.
+  """
+  weights, experts = [], []
+  for row in np.asarray(logits, np.float64):
+    if score_func == "sigmoid":
+      s = 1.0 / (1.0 + np.exp(-row))
     else:
-      gscore = grouped.max(-1)
-    keep = np.argsort(-gscore, axis=-1, kind="stable")[:, :topk_group]
-    mask = np.zeros((t, n_group), bool)
-    np.put_along_axis(mask, keep, True, axis=-1)
-    sel = np.where(np.repeat(mask, e // n_group, axis=1), sel, -np.inf)
-  experts = np.argsort(-sel, axis=-1, kind="stable")[:, :top_k]
-  weights = np.take_along_axis(s, experts, -1)
-  if norm:
-    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-  return weights * scale, experts
+      s = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+    sel = s if bias is None else s + np.asarray(bias, np.float64)
+    if n_group > 1:
+      groups = sel.reshape(n_group, -1)
+      if group_score == "top2sum":
+        group_scores = [sum(sorted(g)[-2:]) for g in groups]
+      else:
+        group_scores = [max(g) for g in groups]
+      ranked = sorted(range(n_group), key=lambda g: -group_scores[g])
+      _assert_no_near_tie([group_scores[g] for g in ranked], topk_group)
+      best = ranked[:topk_group]
+      sel = np.concatenate(
+        [g if i in best else np.full_like(g, -np.inf) for i, g in enumerate(groups)]
+      )
+    ranked = sorted(range(len(sel)), key=lambda e: -sel[e])
+    _assert_no_near_tie([sel[e] for e in ranked], top_k)
+    chosen = ranked[:top_k]
+    w = s[chosen]
+    if norm:
+      w = w / (w.sum() + 1e-20)
+    weights.append(w * scale)
+    experts.append(chosen)
+  return np.array(weights), np.array(experts)
 
 
 def np_rms_norm(x, w, eps=1e-6):

@@ -10,7 +10,7 @@ import pytest
 
 from r1jax import ModelConfig
 from r1jax.layers.moe import MoE, route_tokens, sequence_balance_loss
-from tests.references import np_gate
+from tests.references import np_route
 
 
 def _gate_kwargs(cfg):
@@ -35,7 +35,7 @@ def test_routing_matches_numpy_gate(preset, seed):
   bias = rng.standard_normal(cfg.n_routed_experts).astype(np.float32) * 0.3
   bias = bias if cfg.use_correction_bias else None
   weights, experts = route_tokens(jnp.asarray(logits), bias, cfg)
-  want_w, want_e = np_gate(logits, bias, **_gate_kwargs(cfg))
+  want_w, want_e = np_route(logits, bias, **_gate_kwargs(cfg))
   np.testing.assert_array_equal(np.sort(np.asarray(experts), -1), np.sort(want_e, -1))
   order = lambda e, w: np.take_along_axis(w, np.argsort(e, -1), -1)
   np.testing.assert_allclose(
@@ -66,7 +66,7 @@ def _dense_moe(params, bias, x, cfg):
   tokens = x.reshape(b * s, m)
   logits = tokens @ p["gate"]
   sel_logits = np.asarray(jax.lax.stop_gradient(logits))
-  _, experts = np_gate(sel_logits, bias, **_gate_kwargs(cfg))
+  _, experts = np_route(sel_logits, bias, **_gate_kwargs(cfg))
   scores = jax.nn.sigmoid(logits) if cfg.score_func == "sigmoid" else jax.nn.softmax(logits, -1)
   w = jnp.take_along_axis(scores, jnp.asarray(experts), -1)
   if cfg.norm_topk_prob:
@@ -156,7 +156,7 @@ def test_capacity_factor_one_token_per_expert_drops_the_rest():
   p = variables["params"]
   logits = np.asarray(x[0] @ p["gate"].value)
   bias = np.asarray(variables["router_bias"]["correction_bias"])
-  w, e = np_gate(logits, bias, **_gate_kwargs(cfg))
+  w, e = np_route(logits, bias, **_gate_kwargs(cfg))
   seen, keep = set(), np.zeros_like(w, bool)
   for t in range(16):
     for k in range(cfg.num_experts_per_tok):

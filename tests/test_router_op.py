@@ -11,46 +11,9 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from tests.references import np_route
 
 T = 32
-
-
-def _assert_no_near_tie(descending, cut):
-  """float32 and float64 scores must agree on which side of the cut each entry falls."""
-  if cut < len(descending) and np.isfinite(descending[cut]):
-    assert descending[cut - 1] - descending[cut] > 1e-5, "near-tie: pick another seed"
-
-
-def np_route(logits, bias, *, top_k, score_func, n_group, topk_group, group_score, norm, scale):
-  """The gate, one token at a time, in float64."""
-  weights, experts = [], []
-  for row in np.asarray(logits, np.float64):
-    if score_func == "sigmoid":
-      s = 1.0 / (1.0 + np.exp(-row))
-    else:
-      s = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
-    sel = s if bias is None else s + np.asarray(bias, np.float64)
-    if n_group > 1:
-      groups = sel.reshape(n_group, -1)
-      if group_score == "top2sum":
-        group_scores = [sum(sorted(g)[-2:]) for g in groups]
-      else:
-        group_scores = [max(g) for g in groups]
-      ranked = sorted(range(n_group), key=lambda g: -group_scores[g])
-      _assert_no_near_tie([group_scores[g] for g in ranked], topk_group)
-      best = ranked[:topk_group]
-      sel = np.concatenate(
-        [g if i in best else np.full_like(g, -np.inf) for i, g in enumerate(groups)]
-      )
-    ranked = sorted(range(len(sel)), key=lambda e: -sel[e])
-    _assert_no_near_tie([sel[e] for e in ranked], top_k)
-    chosen = ranked[:top_k]
-    w = s[chosen]
-    if norm:
-      w = w / (w.sum() + 1e-20)
-    weights.append(w * scale)
-    experts.append(chosen)
-  return np.array(weights), np.array(experts)
 
 
 def _logits(e, seed):
