@@ -2,8 +2,9 @@ r"""Pretrains a DeepSeek-V3-architecture model on the built-in synthetic additio
 
   python -m experiments.pretrain --preset=tiny --num_steps=300
 
-Prints the loss every --log_every steps; on a 2-core CPU the tiny preset runs 300 steps in about
-a minute, the loss falling from ~5.6 to ~1.
+Prints the loss every --log_every steps. Measured on a 2-core CPU: the tiny preset compiles in
+about 30 s and runs 300 steps in about 45 s more, the total loss (LM + 0.3 MTP) falling from 7.2
+to 2.3 (LM loss 5.5 -> 1.8).
 """
 
 from __future__ import annotations
