@@ -59,4 +59,4 @@ def test_readme_test_command_is_what_ci_runs():
   )
   runner = test_line.split("&& ")[-1].replace(".venv/bin/python", "").strip()
   assert runner in ci, (runner, ci)
-  assert ".venv/bin/pip install -e '.[test]'" in test_line
+  assert ".venv/bin/pip install -e '.[test,hf]'" in test_line
