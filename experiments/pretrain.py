@@ -17,6 +17,7 @@ from absl import app, flags
 
 from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
 from r1jax import ModelConfig, param_count
+from r1jax.checkpoint import load_weights, read_config
 from r1jax.train.loop import TrainConfig, check_fits, train
 
 FLAGS = flags.FLAGS
@@ -30,11 +31,24 @@ flags.DEFINE_integer("seed", 0, "Seed for params and data.")
 flags.DEFINE_float("mtp_weight", 0.3, "Weight lambda of the multi-token-prediction loss.")
 flags.DEFINE_float("bias_update_speed", 1e-3, "Aux-loss-free balancing speed gamma.")
 flags.DEFINE_integer("log_every", 25, "Print the loss every this many steps.")
+flags.DEFINE_string(
+  "init_from",
+  None,
+  "Start from these weights: an r1jax weights directory (`python -m r1jax.hf convert` writes "
+  "one from an HF checkpoint). Its config replaces --preset.",
+)
 
 
 def configs_from_flags() -> tuple[ModelConfig, TrainConfig]:
   """Builds and validates both configs; a ValueError names the field (= the flag)."""
-  model_cfg = ModelConfig.from_preset(FLAGS.preset, moe_impl=FLAGS.moe_impl)
+  if FLAGS.init_from:
+    try:
+      stored = read_config(FLAGS.init_from)
+    except ValueError as err:
+      raise ValueError(f"init_from: {err}") from None
+    model_cfg = dataclasses.replace(stored, moe_impl=FLAGS.moe_impl)
+  else:
+    model_cfg = ModelConfig.from_preset(FLAGS.preset, moe_impl=FLAGS.moe_impl)
   train_cfg = TrainConfig(
     num_steps=FLAGS.num_steps,
     batch_size=FLAGS.batch_size,
@@ -56,12 +70,14 @@ def main(argv):
     model_cfg, train_cfg = configs_from_flags()
   except ValueError as err:
     exit_on_bad_input(str(err))
+  source = f"weights {FLAGS.init_from}" if FLAGS.init_from else f"preset {FLAGS.preset}"
   print(
-    f"r1jax pretrain: preset {FLAGS.preset}, {param_count(model_cfg):,} params, "
+    f"r1jax pretrain: {source}, {param_count(model_cfg):,} params, "
     f"{jax.device_count()} {jax.default_backend()} device(s)"
   )
   print(f"train config: {dataclasses.asdict(train_cfg)}")
-  history = train(model_cfg, train_cfg)
+  init_variables = load_weights(FLAGS.init_from)[1] if FLAGS.init_from else None
+  history = train(model_cfg, train_cfg, init_variables=init_variables)
   first, last = history[0]["loss"], history[-1]["loss"]
   print(f"loss {first:.4f} -> {last:.4f} over {train_cfg.num_steps} steps")
   sys.stdout.flush()

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -238,7 +239,8 @@ def _mtp_entries(cfg: ModelConfig, k: int) -> list[_Entry]:
     ("shared_head.norm.weight", ("shared_head_norm", "scale"), (d,)),
   ]
   out = [_Entry(p + n, "params", base + sub, (), s, len(s) == 2) for n, sub, s in rows]
-  return out + _layer_entries(cfg, layer, base + ("block",), (), moe=cfg.num_moe_layers > 0)
+  # The MTP block is always MoE, as in the release and in r1jax.layers.mtp.MTPLayer.
+  return out + _layer_entries(cfg, layer, base + ("block",), (), moe=True)
 
 
 def _entries(cfg: ModelConfig) -> list[_Entry]:
@@ -310,10 +312,12 @@ def _allocate(cfg: ModelConfig) -> dict[tuple[str, ...], np.ndarray]:
   return arrays
 
 
-def _fill(arrays, entries: list[_Entry], tensors: dict[str, _Shard]) -> None:
+def _fill(arrays, entries: list[_Entry], tensors: dict[str, _Shard], progress=None) -> None:
   """Reads the tensors one by one into their slots; every leaf must be covered."""
   filled = set()
-  for e in entries:
+  for i, e in enumerate(entries):
+    if progress is not None:
+      progress(i, len(entries), e.name)
     target = arrays[(e.collection,) + e.path]
     w = _read(tensors, e.name)
     target[e.index] = (w.T if e.transpose else w).reshape(target[e.index].shape)
@@ -324,7 +328,11 @@ def _fill(arrays, entries: list[_Entry], tensors: dict[str, _Shard]) -> None:
 
 
 def load(
-  path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
+  path: str,
+  *,
+  dtype: str | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[ModelConfig, dict[str, Any]]:
   """Loads a DeepSeek V2/V3/R1 HF checkpoint directory.
 
@@ -334,6 +342,7 @@ def load(
       `cfg.param_dtype`; the router correction bias in float32.
     mesh: accepted for the future parallel loader and ignored for now: arrays land on the default
       device (sharding on load comes with the parallelism issue).
+    progress: called as progress(i, n, tensor_name) before each of the n tensors is read.
 
   Returns:
     (cfg, variables) with variables = {"params": ..., "router_bias": ...} (router_bias only for
@@ -352,7 +361,7 @@ def load(
   entries = _entries(cfg)
   _check_tensors(entries, tensors)
   arrays = _allocate(cfg)
-  _fill(arrays, entries, tensors)
+  _fill(arrays, entries, tensors, progress)
   flat = {k: jnp.asarray(arrays.pop(k)) for k in list(arrays)}  # one host copy at a time
   return cfg, traverse_util.unflatten_dict(flat)
 
@@ -414,3 +423,11 @@ def save(
   with open(os.path.join(path, INDEX_FILE), "w") as f:
     json.dump(index, f, indent=2)
   return path
+
+
+if __name__ == "__main__":
+  import sys
+
+  from r1jax.hf_convert import main
+
+  sys.exit(main())

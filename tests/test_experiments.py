@@ -32,6 +32,7 @@ def test_pretrain_library_call_lowers_the_loss():
     ("--seq_len=4096", "error: seq_len: 4096 exceeds max_position_embeddings=512"),
     ("--moe_impl=cuda", "error: moe_impl: 'cuda'"),
     ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
+    ("--init_from=/nonexistent", "error: init_from: /nonexistent: not an r1jax weights directory"),
   ],
 )
 def test_pretrain_bad_flags_exit_2_with_one_line(flag, message):

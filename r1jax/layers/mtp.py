@@ -44,6 +44,6 @@ class MTPLayer(nn.Module):
     eh_proj = kernel_param(self, "eh_proj", (2 * m, m), (None, "embed"), cfg)
     joined = jnp.concatenate([norm("enorm")(embedded_next), norm("hnorm")(h_prev)], axis=-1)
     h = jnp.einsum("bsn,nm->bsm", joined, eh_proj.astype(dtype_of(cfg.dtype)))
-    use_moe = cfg.num_hidden_layers >= cfg.first_k_dense_replace
-    h, _ = DecoderBlock(cfg, use_moe, name="block")(h, positions, segment_ids)
+    # Always a MoE block: the release's layer 61 is one, and transformers builds it so.
+    h, _ = DecoderBlock(cfg, use_moe=True, name="block")(h, positions, segment_ids)
     return h, norm("shared_head_norm")(h)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,16 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def train(
-  model_cfg: ModelConfig, train_cfg: TrainConfig, log: Callable[[str], None] = print
+  model_cfg: ModelConfig,
+  train_cfg: TrainConfig,
+  log: Callable[[str], None] = print,
+  init_variables: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-  """Trains on the synthetic addition task; returns the logged metrics (one dict per log step)."""
+  """Trains on the synthetic addition task; returns the logged metrics (one dict per log step).
+
+  `init_variables` ({"params", "router_bias"}, e.g. from `r1jax.checkpoint.load_weights`) replace
+  the random init; the optimizer state starts fresh.
+  """
   check_fits(model_cfg, train_cfg)
   model = Transformer(model_cfg)
   optimizer = make_optimizer(train_cfg)
@@ -87,6 +95,10 @@ def train(
   )
   init = jax.jit(lambda rng, tokens: init_state(model, tokens, optimizer, rng))
   state = init(jax.random.key(train_cfg.seed), batch(0))
+  if init_variables is not None:
+    state = state.replace(
+      params=init_variables["params"], router_bias=init_variables.get("router_bias", {})
+    )
   step_fn = make_train_step(
     model, optimizer, LossConfig(train_cfg.mtp_weight, train_cfg.bias_update_speed)
   )

@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from flax.linen import meta
 
 from r1jax.model import Transformer
 from r1jax.train.losses import mtp_loss, next_token_loss
@@ -34,7 +35,8 @@ class LossConfig:
 
 
 def init_state(model: Transformer, tokens, optimizer: optax.GradientTransformation, rng):
-  variables = model.init(rng, tokens)
+  """Plain arrays (logical-axis boxes removed), so loaded weights can replace them as they are."""
+  variables = meta.unbox(model.init(rng, tokens))
   params = variables["params"]
   return TrainState(
     step=jnp.zeros((), jnp.int32),
