@@ -84,8 +84,8 @@ class MoE(nn.Module):
     if cfg.n_shared_experts:
       out = MLP(cfg, cfg.n_shared_experts * f, name="shared_experts")(x)
     if self.is_initializing():
-      # init needs the params only; XLA cannot drop the dispatch loops as dead code, and
-      # compiling them made `init` of the tiny model take 12 s instead of 2.
+      # init needs the params only; XLA cannot drop the dispatch loops as dead code (measured:
+      # the tiny model's jitted init compiled in 12.1 s with them, 8.8 s without).
       return out
     tokens = x.reshape(b * s, m)
     logits = jnp.einsum("tm,me->te", tokens.astype(jnp.float32), gate.astype(jnp.float32))
