@@ -308,8 +308,18 @@ def _allocate(cfg: ModelConfig) -> dict[tuple[str, ...], np.ndarray]:
   arrays = {}
   for key, leaf in _abstract_variables(cfg).items():
     leaf_dtype = np.float32 if key[0] == "router_bias" else dtype_of(cfg.param_dtype)
-    arrays[key] = np.empty(leaf.shape, leaf_dtype)
+    arrays[key] = _aligned_empty(leaf.shape, leaf_dtype)
   return arrays
+
+
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+  """np.empty on a 64-byte boundary: jax then adopts the buffer on CPU instead of copying it
+  (measured on the small preset: load's peak host memory fell from ~2.1x to ~1x the model)."""
+  dtype = np.dtype(dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  buffer = np.empty(nbytes + align, np.uint8)
+  offset = (-buffer.ctypes.data) % align
+  return buffer[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def _fill(arrays, entries: list[_Entry], tensors: dict[str, _Shard], progress=None) -> None:
@@ -404,21 +414,31 @@ def save(
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg.to_hf_config(), f, indent=2)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
+  # Each shard is written as soon as it is full, so at most one shard's worth of converted
+  # tensors is held beside the model; the final names need the shard count, hence the rename.
+  shard: dict[str, np.ndarray] = {}
+  written: list[tuple[str, list[str]]] = []
+  total = 0
+
+  def flush():
+    temp = os.path.join(path, f".shard-{len(written) + 1:05d}.tmp")
+    _write_safetensors(temp, shard)
+    written.append((temp, list(shard)))
+    shard.clear()
+
   for name, a in _hf_tensors(cfg, variables):
     a = np.ascontiguousarray(a)
-    if shards[-1] and size + a.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = a
-    size += a.nbytes
-  weight_map, total = {}, 0
-  for i, shard in enumerate(shards, start=1):
-    file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-    _write_safetensors(os.path.join(path, file), shard)
-    weight_map.update(dict.fromkeys(shard, file))
-    total += sum(a.nbytes for a in shard.values())
+    if shard and sum(x.nbytes for x in shard.values()) + a.nbytes > max_shard_bytes:
+      flush()
+    shard[name] = a
+    total += a.nbytes
+  if shard:
+    flush()
+  weight_map = {}
+  for i, (temp, names) in enumerate(written, start=1):
+    file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+    os.replace(temp, os.path.join(path, file))
+    weight_map.update(dict.fromkeys(names, file))
   index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   with open(os.path.join(path, INDEX_FILE), "w") as f:
     json.dump(index, f, indent=2)
