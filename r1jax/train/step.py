@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from flax.linen import meta
 
 from r1jax.model import Transformer
@@ -54,44 +55,28 @@ def loss_fn(params, router_bias, model: Transformer, tokens, mask, loss_cfg: Los
   (logits, mtp_logits), stats = model.apply(variables, tokens, mtp=True, mutable=["moe_stats"])
   lm = next_token_loss(logits, tokens, mask)
   mtp = mtp_loss(mtp_logits, tokens, mask)
-  stats = stats.get("moe_stats", {})
-  balance = sum(jnp.sum(x) for x in jax.tree.leaves(_pick(stats, "balance_loss")))
+  stats = traverse_util.flatten_dict(stats.get("moe_stats", {}))
+  balance = sum(jnp.sum(v) for path, v in stats.items() if path[-1] == "balance_loss")
   total = lm + loss_cfg.mtp_weight * mtp + balance
   metrics = {"loss": total, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance}
-  return total, (metrics, _pick(stats, "expert_load"))
-
-
-def _pick(tree, leaf_name):
-  """The sub-tree of a nested dict keeping only leaves called `leaf_name`."""
-  if not isinstance(tree, dict):
-    return tree
-  out = {}
-  for key, value in tree.items():
-    if key == leaf_name:
-      out[key] = value
-    elif isinstance(value, dict):
-      sub = _pick(value, leaf_name)
-      if sub:
-        out[key] = sub
-  return out
+  # Per-layer expert load, keyed by the MoE module's path (as the router bias is).
+  load = {path[:-1]: v for path, v in stats.items() if path[-1] == "expert_load"}
+  return total, (metrics, load)
 
 
 def update_router_bias(router_bias, expert_load, speed: float):
-  """b_i += gamma * sign(mean_i(c) - c_i) for every MoE layer (load trees mirror bias trees)."""
+  """b_i += gamma * sign(mean_i(c) - c_i) for every MoE layer.
+
+  router_bias is the nested "router_bias" collection; expert_load maps each MoE module's path to
+  its load [..., E] (stacked layers keep their leading axis).
+  """
   if not router_bias or speed == 0.0:
     return router_bias
-
-  def move(bias_tree, load_tree):
-    if isinstance(bias_tree, dict):
-      return {k: move(bias_tree[k], load_tree[_load_key(k)]) for k in bias_tree}
-    mean = jnp.mean(load_tree, axis=-1, keepdims=True)
-    return bias_tree + speed * jnp.sign(mean - load_tree)
-
-  return move(router_bias, expert_load)
-
-
-def _load_key(bias_key: str) -> str:
-  return "expert_load" if bias_key == "correction_bias" else bias_key
+  moved = {}
+  for path, bias in traverse_util.flatten_dict(router_bias).items():
+    load = expert_load[path[:-1]]
+    moved[path] = bias + speed * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+  return traverse_util.unflatten_dict(moved)
 
 
 def make_train_step(model: Transformer, optimizer, loss_cfg: LossConfig = LossConfig()):
