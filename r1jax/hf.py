@@ -10,25 +10,23 @@ Usage:
     logits = Transformer(cfg).apply(variables, tokens)
     save(cfg, variables, "/tmp/out")
 
-The safetensors files are read and written by a small reader here rather than the `safetensors`
-package: its numpy backend rejects BF16 and F8_E4M3, the dtypes of the release. Tensors are read
-one at a time into preallocated stacked arrays, so peak host memory is the model plus the largest
-tensor. FP8 weights are dequantised with their `weight_scale_inv` block scales (`dequantize_fp8`).
+Tensors are read one at a time (`r1jax.safetensors_io`) and placed leaf by leaf, so peak host
+memory is the model plus about one tensor (experiments/benchmarks/hf_load_memory.py measures it).
+FP8 weights are dequantised with their `weight_scale_inv` block scales (`dequantize_fp8`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-import struct
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 from flax.linen import meta
@@ -36,95 +34,15 @@ from flax.linen import meta
 from r1jax.config import ModelConfig
 from r1jax.layers.common import dtype_of
 from r1jax.model import Transformer
-
-# safetensors dtype names <-> numpy dtypes (ml_dtypes supplies the bfloat16 and float8 types).
-_DTYPES = {
-  "F64": np.dtype(np.float64),
-  "F32": np.dtype(np.float32),
-  "F16": np.dtype(np.float16),
-  "BF16": np.dtype(ml_dtypes.bfloat16),
-  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-  "I64": np.dtype(np.int64),
-  "I32": np.dtype(np.int32),
-  "I8": np.dtype(np.int8),
-  "U8": np.dtype(np.uint8),
-  "BOOL": np.dtype(np.bool_),
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-
-# --------------------------------------------------------------------------- safetensors I/O
-class _Shard:
-  """Header of one safetensors file; tensors are read on demand with seek + read."""
-
-  def __init__(self, path: str):
-    self.path = path
-    try:
-      size = os.path.getsize(path)
-      with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-          raise ValueError(f"header of {n} bytes exceeds the file")
-        header = json.loads(f.read(n))
-      header.pop("__metadata__", None)
-      self.start = 8 + n
-      self.tensors = {
-        k: (v["dtype"], tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()
-      }
-      end = max((off[1] for _, _, off in self.tensors.values()), default=0)
-      if self.start + end > size:
-        raise ValueError(f"data ends at byte {self.start + end} but the file has {size}")
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-      raise ValueError(
-        f"{path}: unreadable or truncated safetensors file ({e}); re-download it"
-      ) from None
-
-  def read(self, name: str) -> np.ndarray:
-    dtype, shape, (begin, end) = self.tensors[name]
-    np_dtype = _DTYPES[dtype]
-    with open(self.path, "rb") as f:
-      f.seek(self.start + begin)
-      data = f.read(end - begin)
-    if len(data) != math.prod(shape) * np_dtype.itemsize:
-      raise ValueError(f"{self.path}: tensor {name} is truncated; re-download the file")
-    return np.frombuffer(data, np_dtype).reshape(shape)
-
-
-def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-  """Writes `tensors` in the safetensors format (8-byte aligned header, `format: pt`)."""
-  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-  offset = 0
-  for name, a in tensors.items():
-    header[name] = {
-      "dtype": _DTYPE_NAMES[a.dtype],
-      "shape": list(a.shape),
-      "data_offsets": [offset, offset + a.nbytes],
-    }
-    offset += a.nbytes
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)) + blob)
-    for a in tensors.values():
-      f.write(np.ascontiguousarray(a).tobytes())
-
-
-def _open_checkpoint(path: str) -> dict[str, _Shard]:
-  """Tensor name -> the shard holding it, via the index when there is one."""
-  index = os.path.join(path, INDEX_FILE)
-  if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    shards = {file: _Shard(os.path.join(path, file)) for file in sorted(set(weight_map.values()))}
-    return {name: shards[file] for name, file in weight_map.items()}
-  single = os.path.join(path, SINGLE_FILE)
-  if not os.path.exists(single):
-    raise ValueError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE}; point load() at a checkpoint dir")
-  shard = _Shard(single)
-  return {name: shard for name in shard.tensors}
+from r1jax.safetensors_io import (
+  FP8,
+  INDEX_FILE,
+  Shard,
+  TensorSpec,
+  open_checkpoint,
+  stream_safetensors,
+)
+from r1jax.sharding import RULES, param_shardings
 
 
 # --------------------------------------------------------------------------- FP8
@@ -271,7 +189,7 @@ def _read_config(path: str, dtype: str | None) -> ModelConfig:
   return ModelConfig.from_hf_config(hf, **overrides)
 
 
-def _check_tensors(entries: list[_Entry], tensors: dict[str, _Shard]) -> None:
+def _check_tensors(entries: list[_Entry], tensors: dict[str, Shard]) -> None:
   """Every tensor present with the expected shape (and scales for FP8), before any read."""
   for e in entries:
     if e.name not in tensors:
@@ -287,6 +205,15 @@ def _check_tensors(entries: list[_Entry], tensors: dict[str, _Shard]) -> None:
       raise ValueError(f"{e.name}_scale_inv: missing; FP8 weights need their block scales")
 
 
+def _stored_dtype(tensors: dict[str, Shard]) -> str:
+  """The checkpoint's storage dtype as a ModelConfig dtype name (FP8 -> bfloat16)."""
+  name = "model.embed_tokens.weight"
+  if name not in tensors:
+    raise ValueError(f"{name}: missing from the checkpoint")
+  stored = tensors[name].tensors[name][0]
+  return {"F32": "float32", "F16": "float16"}.get(stored, "bfloat16")
+
+
 def _abstract_variables(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
   """Flattened (collection, *path) -> shape/dtype of Transformer(cfg).init, nothing allocated."""
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
@@ -296,20 +223,16 @@ def _abstract_variables(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtyp
   return {k: (v.value if hasattr(v, "value") else v) for k, v in flat.items()}
 
 
-def _read(tensors: dict[str, _Shard], name: str) -> np.ndarray:
+def _read(tensors: dict[str, Shard], name: str) -> np.ndarray:
   w = tensors[name].read(name)
-  if w.dtype == _FP8:
+  if w.dtype == FP8:
     return dequantize_fp8(w, tensors[name + "_scale_inv"].read(name + "_scale_inv"))
   return w
 
 
-def _allocate(cfg: ModelConfig) -> dict[tuple[str, ...], np.ndarray]:
-  """Empty host arrays for every leaf: router bias in float32 (SPEC 7.2), params in param_dtype."""
-  arrays = {}
-  for key, leaf in _abstract_variables(cfg).items():
-    leaf_dtype = np.float32 if key[0] == "router_bias" else dtype_of(cfg.param_dtype)
-    arrays[key] = _aligned_empty(leaf.shape, leaf_dtype)
-  return arrays
+def _leaf_dtype(cfg: ModelConfig, key: tuple[str, ...]) -> np.dtype:
+  """Router bias in float32 (SPEC 7.2), params in param_dtype."""
+  return np.dtype(np.float32 if key[0] == "router_bias" else dtype_of(cfg.param_dtype))
 
 
 def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -322,37 +245,120 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
   return buffer[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def _fill(arrays, entries: list[_Entry], tensors: dict[str, _Shard], progress=None) -> None:
-  """Reads the tensors one by one into their slots; every leaf must be covered."""
-  filled = set()
-  for i, e in enumerate(entries):
-    if progress is not None:
-      progress(i, len(entries), e.name)
-    target = arrays[(e.collection,) + e.path]
+def _copy_slot(buffer: np.ndarray, shard: tuple, slot: tuple, value: np.ndarray, shape) -> None:
+  """Writes the part of one entry's slot that falls inside one shard of a leaf.
+
+  Args:
+    buffer: the shard's host buffer (the shard's shape).
+    shard: the shard's index into the leaf (one slice per dim).
+    slot: the entry's index into the leaf (ints for stacked dims, full slices otherwise).
+    value: the slot's contents (the leaf's shape without the int dims of `slot`).
+    shape: the leaf's shape.
+  """
+  slot = slot + (_ALL,) * (len(shape) - len(slot))
+  dst, src = [], []
+  for sel, part, size in zip(slot, shard, shape, strict=True):
+    lo, hi, _ = part.indices(size)
+    if isinstance(sel, int):
+      if not lo <= sel < hi:
+        return  # the slot lies in another shard
+      dst.append(sel - lo)
+    else:
+      dst.append(slice(0, hi - lo))
+      src.append(slice(lo, hi))
+  buffer[tuple(dst)] = value[tuple(src)]
+
+
+def _shard_key(index: tuple, shape) -> tuple:
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def _load_leaf(entries: list[_Entry], shape, dtype, sharding, tensors) -> jax.Array:
+  """Reads the tensors of one leaf and places its shards on their devices.
+
+  Each tensor is read once. The host holds the leaf's distinct addressable shards (one buffer per
+  group of replicas, not per device) and one tensor at a time.
+  """
+  index_map = sharding.addressable_devices_indices_map(shape)
+  buffers: dict[tuple, tuple[tuple, np.ndarray]] = {}
+  for index in index_map.values():
+    key = _shard_key(index, shape)
+    if key not in buffers:
+      buffers[key] = (index, _aligned_empty(tuple(hi - lo for lo, hi in key), dtype))
+  for e in entries:
     w = _read(tensors, e.name)
-    target[e.index] = (w.T if e.transpose else w).reshape(target[e.index].shape)
-    filled.add((e.collection,) + e.path)
-  unfilled = sorted("/".join(k) for k in set(arrays) - filled)
+    slot = e.index + (_ALL,) * (len(shape) - len(e.index))
+    w = (w.T if e.transpose else w).reshape(
+      [n for s, n in zip(slot, shape, strict=True) if s == _ALL]
+    )
+    for index, buffer in buffers.values():
+      _copy_slot(buffer, index, e.index, w, shape)
+  shards = [jax.device_put(buffers[_shard_key(i, shape)][1], d) for d, i in index_map.items()]
+  return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def _place(cfg, entries, tensors, sharding_of, progress=None) -> dict[tuple[str, ...], jax.Array]:
+  """Loads every leaf in turn onto `sharding_of(leaf key)`; every leaf must be covered."""
+  by_leaf: dict[tuple[str, ...], list[_Entry]] = {}
+  for e in entries:
+    by_leaf.setdefault((e.collection,) + e.path, []).append(e)
+  abstract = _abstract_variables(cfg)
+  unfilled = sorted("/".join(k) for k in set(abstract) - set(by_leaf))
   if unfilled:
     raise ValueError(f"{unfilled[0]}: no checkpoint tensor maps to this r1jax leaf (loader bug)")
+  out, done = {}, 0
+  for key, leaf_entries in by_leaf.items():
+    if progress is not None:
+      progress(done + len(leaf_entries) - 1, len(entries), leaf_entries[-1].name)
+    shape, dtype = abstract[key].shape, _leaf_dtype(cfg, key)
+    out[key] = _load_leaf(leaf_entries, shape, dtype, sharding_of(key), tensors)
+    done += len(leaf_entries)
+  return out
+
+
+def _resolve(path: str, dtype, param_dtype) -> tuple[ModelConfig, dict[str, Shard]]:
+  """The config `load` will build (dtypes and MTP depth resolved) and the tensor index."""
+  cfg = _read_config(path, dtype)
+  tensors = open_checkpoint(path)
+  cfg = dataclasses.replace(cfg, param_dtype=param_dtype or _stored_dtype(tensors))
+  mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+  if cfg.num_nextn_predict_layers and not any(n.startswith(mtp_prefix) for n in tensors):
+    cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+  return cfg, tensors
+
+
+def read_config(path: str, *, param_dtype: str | None = None) -> ModelConfig:
+  """The ModelConfig `load(path, param_dtype=...)` returns, reading only headers."""
+  return _resolve(path, None, param_dtype)[0]
 
 
 def load(
   path: str,
   *,
   dtype: str | None = None,
+  param_dtype: str | None = None,
   mesh: jax.sharding.Mesh | None = None,
+  rules: str = "ep_fsdp",
   progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[ModelConfig, dict[str, Any]]:
   """Loads a DeepSeek V2/V3/R1 HF checkpoint directory.
 
+  Tensors are read one at a time, grouped by the r1jax leaf they fill (all layers' experts of one
+  projection make one stacked leaf). A leaf is assembled on the host in its addressable shards
+  and placed on its devices before the next leaf is read: the host holds at most one leaf's
+  shards beside what is already placed, and on a multi-host mesh each process assembles only
+  the shards its own devices hold.
+
   Args:
     path: directory with `config.json` and the safetensors (sharded with an index, or single).
-    dtype: overrides the compute dtype of the config (e.g. "float32"). Params are held in
-      `cfg.param_dtype`; the router correction bias in float32.
-    mesh: accepted for the future parallel loader and ignored for now: arrays land on the default
-      device (sharding on load comes with the parallelism issue).
-    progress: called as progress(i, n, tensor_name) before each of the n tensors is read.
+    dtype: overrides the compute dtype of the config (e.g. "float32").
+    param_dtype: the dtype params are held in; None keeps the checkpoint's storage dtype (that
+      of `embed_tokens`: bfloat16 for the release, whose FP8 weights dequantise to bfloat16 as
+      DeepSeek's own `fp8_cast_bf16` does). The router correction bias is always float32.
+    mesh: place each leaf onto its sharding under `rules` (`r1jax.sharding`); None puts
+      everything on the first device.
+    rules: name of an `r1jax.sharding.RULES` preset; used only with a mesh.
+    progress: called as progress(i, n, tensor_name) once tensors up to i of n have been read.
 
   Returns:
     (cfg, variables) with variables = {"params": ..., "router_bias": ...} (router_bias only for
@@ -362,83 +368,114 @@ def load(
   Raises:
     ValueError: one line naming the field, tensor or file, before any tensor is read.
   """
-  del mesh  # see Args
-  cfg = _read_config(path, dtype)
-  tensors = _open_checkpoint(path)
-  mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
-  if cfg.num_nextn_predict_layers and not any(n.startswith(mtp_prefix) for n in tensors):
-    cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+  cfg, tensors = _resolve(path, dtype, param_dtype)
   entries = _entries(cfg)
   _check_tensors(entries, tensors)
-  arrays = _allocate(cfg)
-  _fill(arrays, entries, tensors, progress)
-  flat = {k: jnp.asarray(arrays.pop(k)) for k in list(arrays)}  # one host copy at a time
-  return cfg, traverse_util.unflatten_dict(flat)
+  if mesh is None:
+    first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding_of = lambda key: first  # noqa: E731
+  else:
+    if rules not in RULES:
+      raise ValueError(f"rules: unknown preset {rules!r}; choose one of {sorted(RULES)}")
+    named = param_shardings(cfg, mesh, RULES[rules])
+    sharding_of = traverse_util.flatten_dict(named).__getitem__
+  return cfg, traverse_util.unflatten_dict(_place(cfg, entries, tensors, sharding_of, progress))
 
 
 # --------------------------------------------------------------------------- save
-def _hf_tensors(cfg: ModelConfig, variables: dict[str, Any]):
-  """Yields (HF name, numpy array) in release order, duplicating embed/head into MTP layers."""
+def _hf_tensors(cfg: ModelConfig, variables: dict[str, Any]) -> list[TensorSpec]:
+  """The checkpoint's tensors in release order, embed/head duplicated into the MTP layers.
+
+  Nothing is computed here: shapes and dtypes are known up front, so the writer can lay out
+  each file's header first and then produce the tensors one at a time.
+  """
   flat = traverse_util.flatten_dict(_unboxed(variables))
+  host: dict[tuple[str, ...], np.ndarray] = {}
+
+  def leaf(key):  # zero-copy for single-device CPU arrays; gathers a sharded leaf once
+    if key not in host:
+      host[key] = np.asarray(flat[key])
+    return host[key]
+
+  def slot(e: _Entry):
+    s = leaf((e.collection,) + e.path)[e.index]
+    return s.reshape(e.shape[::-1]).T if e.transpose else s.reshape(e.shape)
+
+  out = []
   for e in _entries(cfg):
-    slot = np.asarray(flat[(e.collection,) + e.path])[e.index]
-    yield e.name, (slot.reshape(e.shape[::-1]).T if e.transpose else slot.reshape(e.shape))
+    dtype = np.dtype(flat[(e.collection,) + e.path].dtype)
+    out.append(TensorSpec(e.name, e.shape, dtype, functools.partial(slot, e)))
     if e.name.endswith("eh_proj.weight"):
       # release checkpoints carry copies of the shared embedding and head in each MTP layer
       p = e.name[: -len("eh_proj.weight")]
-      yield p + "embed_tokens.weight", np.asarray(flat[("params", "embed")])
-      head = np.asarray(flat[("params", "embed")])
-      if not cfg.tie_word_embeddings:
-        head = np.asarray(flat[("params", "lm_head")]).T
-      yield p + "shared_head.head.weight", head
+      embed = ("params", "embed")
+      v_d = flat[embed].shape
+      out.append(TensorSpec(p + "embed_tokens.weight", v_d, dtype, functools.partial(leaf, embed)))
+      if cfg.tie_word_embeddings:
+        head = functools.partial(leaf, embed)
+      else:
+        head = lambda: leaf(("params", "lm_head")).T  # noqa: E731
+      out.append(TensorSpec(p + "shared_head.head.weight", v_d, dtype, head))
+  return out
 
 
 def _unboxed(variables: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in meta.unbox(dict(variables)).items() if k in ("params", "router_bias")}
 
 
+def _shard_plan(tensors: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+  """Consecutive tensors grouped into files of at most max_shard_bytes (a larger tensor alone)."""
+  shards: list[list[TensorSpec]] = [[]]
+  size = 0
+  for t in tensors:
+    nbytes = math.prod(t.shape) * t.dtype.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(t)
+    size += nbytes
+  return shards
+
+
 def save(
-  cfg: ModelConfig, variables: dict[str, Any], path: str, *, max_shard_bytes: int = 5 * 2**30
+  cfg: ModelConfig,
+  variables: dict[str, Any],
+  path: str,
+  *,
+  max_shard_bytes: int = 5 * 2**30,
+  progress: Callable[[int, int, str], None] | None = None,
 ) -> str:
   """Writes `variables` as an HF checkpoint directory in the release layout.
 
   Files: `config.json` (cfg.to_hf_config()), `model-0000i-of-0000n.safetensors` shards of at most
   `max_shard_bytes` (a larger single tensor gets a shard of its own) and
   `model.safetensors.index.json`. Tensors keep their dtype, so `load(save(...))` is bit-identical.
+  Each file's header is written from the known shapes, then its tensors are produced and written
+  one at a time: beside the model, the host holds one converted tensor (and, for a leaf sharded
+  over several devices, that leaf gathered to the host).
 
   Returns:
     path.
   """
   if not cfg.scan_layers:
     raise ValueError("scan_layers: save() expects stacked layers; use scan_layers=True")
+  tensors = _hf_tensors(cfg, variables)
+  plan = _shard_plan(tensors, max_shard_bytes)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg.to_hf_config(), f, indent=2)
-  # Each shard is written as soon as it is full, so at most one shard's worth of converted
-  # tensors is held beside the model; the final names need the shard count, hence the rename.
-  shard: dict[str, np.ndarray] = {}
-  written: list[tuple[str, list[str]]] = []
-  total = 0
-
-  def flush():
-    temp = os.path.join(path, f".shard-{len(written) + 1:05d}.tmp")
-    _write_safetensors(temp, shard)
-    written.append((temp, list(shard)))
-    shard.clear()
-
-  for name, a in _hf_tensors(cfg, variables):
-    a = np.ascontiguousarray(a)
-    if shard and sum(x.nbytes for x in shard.values()) + a.nbytes > max_shard_bytes:
-      flush()
-    shard[name] = a
-    total += a.nbytes
-  if shard:
-    flush()
-  weight_map = {}
-  for i, (temp, names) in enumerate(written, start=1):
-    file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+  weight_map, done = {}, 0
+  for i, shard in enumerate(plan, start=1):
+    file = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+    temp = os.path.join(path, f".{file}.tmp")  # a killed save leaves no file that looks whole
+    with open(temp, "wb") as f:
+      for t in stream_safetensors(f, shard):
+        if progress is not None:
+          progress(done, len(tensors), t.name)
+        done += 1
     os.replace(temp, os.path.join(path, file))
-    weight_map.update(dict.fromkeys(names, file))
+    weight_map.update(dict.fromkeys((t.name for t in shard), file))
+  total = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors)
   index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   with open(os.path.join(path, INDEX_FILE), "w") as f:
     json.dump(index, f, indent=2)

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from r1jax import checkpoint, hf
+from r1jax import checkpoint, hf, sizing
 from r1jax.config import DTYPES
 
 
@@ -43,6 +43,31 @@ def _cast(variables, dtype: str | None):
   return {**variables, "params": jax.tree.map(lambda a: jnp.asarray(a, dtype), variables["params"])}
 
 
+def _available_host_bytes() -> int | None:
+  """MemAvailable from /proc/meminfo (None where there is no such file)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _check_host_memory(cfg) -> None:
+  """Refuses a conversion whose params cannot fit in this host's memory, before reading any."""
+  need = sizing.param_count(cfg, include_mtp=cfg.num_nextn_predict_layers > 0)
+  need *= jnp.dtype(cfg.param_dtype).itemsize
+  have = _available_host_bytes()
+  if have is not None and need > have:
+    raise ValueError(
+      f"SRC: the params take {need / 2**30:.1f} GiB in {cfg.param_dtype} but this host has "
+      f"{have / 2**30:.1f} GiB available; convert on a larger host, or skip conversion and "
+      "load the HF directory onto the accelerators with r1jax.hf.load(path, mesh=...)"
+    )
+
+
 def convert(src: str, dst: str, dtype: str | None = None, show_progress: bool = True) -> str:
   """Converts in the direction SRC's contents say; returns a one-line summary."""
   if os.path.exists(dst) and os.listdir(dst):
@@ -51,16 +76,16 @@ def convert(src: str, dst: str, dtype: str | None = None, show_progress: bool = 
     cfg, variables = checkpoint.load_weights(src)
     if dtype:
       cfg = dataclasses.replace(cfg, param_dtype=dtype)
-    hf.save(cfg, _cast(variables, dtype), dst)
+    hf.save(cfg, _cast(variables, dtype), dst, progress=_progress_bar() if show_progress else None)
     return f"wrote HF checkpoint {dst} ({cfg.num_hidden_layers} layers)"
   if not os.path.isfile(os.path.join(src, "config.json")):
     raise ValueError(
       f"SRC: {src} holds neither an HF checkpoint nor r1jax weights (no config.json)"
     )
-  cfg, variables = hf.load(src, progress=_progress_bar() if show_progress else None)
-  if dtype:
-    cfg = dataclasses.replace(cfg, param_dtype=dtype)
-  checkpoint.save_weights(dst, cfg, _cast(variables, dtype))
+  _check_host_memory(hf.read_config(src, param_dtype=dtype))
+  progress = _progress_bar() if show_progress else None
+  cfg, variables = hf.load(src, param_dtype=dtype, progress=progress)
+  checkpoint.save_weights(dst, cfg, variables)
   return f"wrote r1jax weights {dst} (use --init_from={dst})"
 
 

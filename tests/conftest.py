@@ -3,12 +3,19 @@
 - float32 matmuls at full precision, so that references agree to 1e-5;
 - a persistent compilation cache inside the checkout (ignored by git; a fresh clone starts
   cold), so tests that build the same computation compile it once: XLA compiles are most of
-  this suite's time on a 2-core CPU.
+  this suite's time on a 2-core CPU;
+- 8 simulated CPU devices for the sharding tests (set before jax initialises its backend;
+  unsharded computations run on the first device as before).
 """
 
 import os
 
-import jax
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update(

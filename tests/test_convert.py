@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from r1jax import checkpoint, hf
+from r1jax import checkpoint, hf, safetensors_io
 from r1jax.data.synthetic import addition_batch
 from r1jax.hf_convert import convert
 from r1jax.model import Transformer
@@ -46,6 +46,36 @@ def test_convert_both_ways_is_bit_identical(hf_dir, tmp_path):
   cfg3, again = hf.load(str(tmp_path / "back"))
   assert cfg3 == cfg
   _assert_identical(again, variables)
+
+
+def test_bf16_checkpoint_converts_both_ways_keeping_bf16(hf_dir, tmp_path):
+  """The release stores bf16: HF -> r1jax -> HF keeps every tensor's bytes and dtype."""
+  src = tmp_path / "bf16"
+  src.mkdir()
+  cfg, variables = hf.load(hf_dir, param_dtype="bfloat16")
+  hf.save(cfg, variables, str(src))
+  convert(str(src), str(tmp_path / "r1"), show_progress=False)
+  assert checkpoint.load_weights(str(tmp_path / "r1"))[0].param_dtype == "bfloat16"
+  convert(str(tmp_path / "r1"), str(tmp_path / "back"), show_progress=False)
+  a, b = (
+    safetensors_io.open_checkpoint(str(src)),
+    safetensors_io.open_checkpoint(str(tmp_path / "back")),
+  )
+  assert a.keys() == b.keys()
+  for name in a:
+    x, y = a[name].read(name), b[name].read(name)
+    assert x.dtype == y.dtype, name
+    np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8), err_msg=name)
+  assert {a[n].read(n).dtype.name for n in a} == {"bfloat16", "float32"}  # bias stays float32
+
+
+def test_convert_refuses_a_model_larger_than_host_memory(hf_dir, tmp_path, monkeypatch):
+  from r1jax import hf_convert
+
+  monkeypatch.setattr(hf_convert, "_available_host_bytes", lambda: 1000)
+  with pytest.raises(ValueError, match=r"SRC: the params take .* GiB in float32 but this host"):
+    convert(hf_dir, str(tmp_path / "r1"), show_progress=False)
+  assert not (tmp_path / "r1").exists()
 
 
 def _run(*args, timeout=300):

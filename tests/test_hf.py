@@ -13,7 +13,7 @@ import transformers
 from flax import traverse_util
 from flax.linen import meta
 
-from r1jax import hf
+from r1jax import hf, safetensors_io, sharding
 from r1jax.config import ModelConfig
 from r1jax.model import Transformer
 from tests.hf_fixtures import V3_CONFIGS, hf_model
@@ -119,7 +119,9 @@ def test_load_dequantizes_fp8(saved_a, tmp_path):
   for kind, checkpoint in (("fp8", tensors), ("plain", plain)):
     (tmp_path / kind).mkdir()
     # the per-expert release names, not transformers' fused 3-D parameters
-    hf._write_safetensors(str(tmp_path / kind / "model.safetensors"), _split_experts(checkpoint))
+    safetensors_io.write_safetensors(
+      str(tmp_path / kind / "model.safetensors"), _split_experts(checkpoint)
+    )
     (tmp_path / kind / "config.json").write_text(open(os.path.join(path, "config.json")).read())
     variables[kind] = traverse_util.flatten_dict(hf.load(str(tmp_path / kind), dtype="float32")[1])
   wkv_a = np.asarray(variables["fp8"][("params", "moe_layers", "attn", "wkv_a")][0])
@@ -127,6 +129,31 @@ def test_load_dequantizes_fp8(saved_a, tmp_path):
   assert not np.array_equal(wkv_a, tensors["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].T)
   for key, value in variables["plain"].items():
     np.testing.assert_array_equal(np.asarray(variables["fp8"][key]), np.asarray(value))
+
+
+@pytest.mark.parametrize("rules", ["ep_fsdp", "fsdp"])
+def test_load_onto_a_mesh_places_every_leaf_on_its_sharding(saved_a, rules):
+  """8 simulated devices, fsdp=2 x expert=2 x tensor=2: same values, the rules' shardings."""
+  _, path = saved_a
+  cfg, plain = hf.load(path, dtype="float32")
+  mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
+  _, placed = hf.load(path, dtype="float32", mesh=mesh, rules=rules)
+  want = traverse_util.flatten_dict(sharding.param_shardings(cfg, mesh, sharding.RULES[rules]))
+  flat_plain = traverse_util.flatten_dict(plain)
+  split = 0
+  for key, a in traverse_util.flatten_dict(placed).items():
+    assert a.sharding.is_equivalent_to(want[key], a.ndim), key
+    split += len({str(s.index) for s in a.addressable_shards}) > 1
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(flat_plain[key]))
+  assert split >= 10  # most weights really are split, not replicated
+  tokens = jnp.asarray(_tokens((2, 12)))
+  apply = jax.jit(Transformer(cfg).apply)
+  assert _rel_diff(apply(placed, tokens), apply(plain, tokens)) < 1e-6
+
+
+def test_load_onto_a_mesh_names_unknown_rules(saved_a):
+  with pytest.raises(ValueError, match="rules: unknown preset 'tp'"):
+    hf.load(saved_a[1], mesh=sharding.make_mesh(fsdp=2), rules="tp")
 
 
 def _split_experts(tensors):
@@ -197,10 +224,10 @@ def test_saved_checkpoint_loads_in_transformers(saved_r1jax):
 # ----------------------------------------------------------------------------- errors
 def _edit_checkpoint(src, dst, edit):
   """Copies the single-file checkpoint at src to dst with edit(tensors) applied."""
-  tensors = {n: s.read(n) for n, s in hf._open_checkpoint(src).items()}
+  tensors = {n: s.read(n) for n, s in safetensors_io.open_checkpoint(src).items()}
   edit(tensors)
   os.makedirs(dst, exist_ok=True)
-  hf._write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+  safetensors_io.write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
   with (
     open(os.path.join(src, "config.json")) as f,
     open(os.path.join(dst, "config.json"), "w") as g,

@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers.modeling_layers import MtpModel
 
-from r1jax import hf
+from r1jax import hf, safetensors_io
 from r1jax.model import Transformer
 from tests import hf_fixtures
 from tests.test_hf import _split_experts
@@ -93,7 +93,7 @@ def release_mtp(tmp_path_factory):
   main, mtp = main.float().eval(), mtp.float().eval()
   path = tmp_path_factory.mktemp("release_mtp")
   tensors = _release_tensors(main, mtp)
-  hf._write_safetensors(str(path / hf.SINGLE_FILE), tensors)
+  safetensors_io.write_safetensors(str(path / safetensors_io.SINGLE_FILE), tensors)
   config.save_pretrained(str(path))
   return str(path), tensors, {k: v.clone() for k, v in mtp.state_dict().items()}
 
