@@ -1,7 +1,9 @@
 """Dispatch ops of the MoE layer: router, permute/unpermute, grouped matmul.
 
-Each op takes `impl`: "auto" (by backend), "xla" (pure JAX, the fast CPU path), "reference"
-(the readable definition the tests compare against) or "pallas" (reserved, not written yet).
+Each op takes `impl`: "auto" (pallas on TPU and GPU, xla on CPU), "xla" (pure JAX, the fast CPU
+path), "reference" (the readable definition the tests compare against) or "pallas" (Pallas
+kernels: Mosaic on TPU, Triton on GPU, interpret mode on CPU; the kernel is chosen when the
+function is lowered, so `jax.export(..., platforms=("tpu",))` works from a CPU host).
 This package imports only jax and numpy.
 """
 
@@ -15,8 +17,14 @@ from pallas_kernels.gmm import (
   tgmm,
   tgmm_reference,
 )
-from pallas_kernels.permute import inverse_permutation, permute, unpermute
-from pallas_kernels.router import route, router_scores
+from pallas_kernels.permute import (
+  inverse_permutation,
+  permute,
+  permute_reference,
+  unpermute,
+  unpermute_reference,
+)
+from pallas_kernels.router import route, route_reference, route_with_counts, router_scores
 
 __all__ = [
   "IMPLS",
@@ -26,11 +34,15 @@ __all__ = [
   "gmm_reference",
   "inverse_permutation",
   "permute",
+  "permute_reference",
   "ragged_dot_gmm",
   "resolve_impl",
   "route",
+  "route_reference",
+  "route_with_counts",
   "router_scores",
   "tgmm",
   "tgmm_reference",
   "unpermute",
+  "unpermute_reference",
 ]

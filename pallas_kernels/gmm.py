@@ -19,7 +19,8 @@ inner loops with data-dependent trip counts: the group's full tiles of `rows` ro
 the xla impl carries its own custom VJP built from the same loops: dlhs is the gmm loop with
 each group's weights transposed once, drhs accumulates tile^T @ dout_tile in a [K, N] float32
 carry per group. The reference impl is a scan over groups of masked dense matmuls (G times
-the work) under plain autodiff.
+the work) under plain autodiff. The pallas impl (Mosaic TPU and Triton GPU kernels, interpret
+mode on CPU) lives in gmm_pallas.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import gmm_pallas
 from pallas_kernels._impl import resolve_impl
 
 
@@ -68,6 +70,12 @@ def _resolve_tiling(tile: int | GmmTiling | None) -> GmmTiling:
   if isinstance(tile, GmmTiling):
     return tile
   return GmmTiling(rows=tile, tail_rows=tile)
+
+
+def _pallas_block_sizes(tile) -> gmm_pallas.BlockSizes | None:
+  if tile is None or isinstance(tile, gmm_pallas.BlockSizes):
+    return tile
+  raise ValueError(f"gmm: impl='pallas' takes tile=gmm_pallas.BlockSizes or None, got {tile!r}")
 
 
 def _group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -237,7 +245,7 @@ def gmm(
   group_sizes: jax.Array,
   *,
   impl: str = "auto",
-  tile: int | GmmTiling | None = None,
+  tile: int | GmmTiling | gmm_pallas.BlockSizes | None = None,
 ) -> jax.Array:
   """Grouped matmul: each group's rows of lhs times that group's rhs.
 
@@ -246,7 +254,8 @@ def gmm(
     rhs: [G, K, N] one weight matrix per group.
     group_sizes: [G] int32 rows per group, sum <= M.
     impl: "auto" | "xla" | "reference" | "pallas".
-    tile: row tiles of the xla loops (an int sets both); None takes TUNED_TILING.
+    tile: xla: row tiles of the loops (an int sets both); pallas: a gmm_pallas.BlockSizes.
+      None takes the tuned tiles (TUNED_TILING, gmm_pallas.TUNED_BLOCK_SIZES).
 
   Returns:
     [M, N] in the promoted dtype of lhs and rhs (float32 accumulation); rows past
@@ -257,6 +266,8 @@ def gmm(
   _check_gmm_args(lhs, rhs, group_sizes)
   if impl == "reference":
     return gmm_reference(lhs, rhs, group_sizes)
+  if impl == "pallas":
+    return gmm_pallas.gmm(lhs, rhs, group_sizes, block_sizes=_pallas_block_sizes(tile))
   return _gmm_xla(lhs, rhs, group_sizes, _resolve_tiling(tile))
 
 
@@ -266,7 +277,7 @@ def tgmm(
   group_sizes: jax.Array,
   *,
   impl: str = "auto",
-  tile: int | GmmTiling | None = None,
+  tile: int | GmmTiling | gmm_pallas.BlockSizes | None = None,
 ) -> jax.Array:
   """Transposed grouped matmul, the weight gradient of `gmm`.
 
@@ -279,12 +290,14 @@ def tgmm(
 
   Returns:
     [G, K, N] in the promoted dtype of lhs and dout; out[g] = lhs_g^T @ dout_g. Only the
-    reference impl is differentiable (the xla one is a backward pass already).
+    reference impl is differentiable (the others are a backward pass already).
   """
   impl = resolve_impl(impl, "tgmm")
   lhs, dout, group_sizes = jnp.asarray(lhs), jnp.asarray(dout), jnp.asarray(group_sizes)
   if impl == "reference":
     return tgmm_reference(lhs, dout, group_sizes)
+  if impl == "pallas":
+    return gmm_pallas.tgmm(lhs, dout, group_sizes, block_sizes=_pallas_block_sizes(tile))
   out_dtype = jnp.result_type(lhs, dout)
   return _tgmm_loop(lhs, dout, group_sizes, _resolve_tiling(tile), out_dtype)
 

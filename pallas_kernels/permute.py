@@ -16,6 +16,10 @@ MaxText does):
   unpermute: dy_sorted[i]   = weights.flat[order[i]] * dout[order[i] // K]
              dweights[t, k] = <dout[t], y_sorted[inv[t*K + k]]>
 The reference impl is the same forward math under plain autodiff.
+
+The pallas impl (permute_pallas.py) computes the sort order without a sort (per-block histograms
+and ranks), and runs the gathers and the combine as Pallas kernels (Mosaic TPU row DMAs, Triton
+pointer gathers on GPU, interpret mode on CPU), with the same VJP structure.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from pallas_kernels import permute_pallas as kernels
 from pallas_kernels._impl import resolve_impl
+from pallas_kernels.permute_pallas import BlockSizes
 
 
 def inverse_permutation(order: jax.Array) -> jax.Array:
@@ -113,8 +120,99 @@ def _combine_bwd(res, dout):
 _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
+# ----------------------------------------------------------------------------- pallas impl
+
+
+def _per_platform(call, block_sizes: BlockSizes | None, *args):
+  """call(*args, block_sizes=, interpret=, backend=) for the platform being lowered for.
+
+  Chosen by lax.platform_dependent at lowering time: interpret mode of the TPU bodies on CPU,
+  Mosaic on TPU, Triton on GPU (cuda and rocm). None block sizes take the platform's entry of
+  permute_pallas.TUNED_BLOCK_SIZES.
+  """
+
+  def build(platform):
+    return functools.partial(
+      call,
+      block_sizes=block_sizes or kernels.TUNED_BLOCK_SIZES[platform],
+      interpret=platform == "cpu",
+      backend="gpu" if platform == "gpu" else "tpu",
+    )
+
+  return lax.platform_dependent(*args, cpu=build("cpu"), tpu=build("tpu"), default=build("gpu"))
+
+
+def _gather_rows(block_sizes, x, src, scale=None, y=None):
+  return _per_platform(kernels.gather_rows_call, block_sizes, x, src, scale, y)
+
+
+def _combine_rows(block_sizes, y, slots, weights):
+  return _per_platform(kernels.combine_rows_call, block_sizes, y, slots, weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gather_sorted_pallas(k, block_sizes, x, order, inv):
+  return _gather_rows(block_sizes, x, order // k)
+
+
+def _gather_sorted_pallas_fwd(k, block_sizes, x, order, inv):
+  return _gather_rows(block_sizes, x, order // k), inv
+
+
+def _gather_sorted_pallas_bwd(k, block_sizes, inv, dx_sorted):
+  slots = inv.reshape(-1, k)
+  ones = jnp.ones(slots.shape, jnp.float32)
+  return _combine_rows(block_sizes, dx_sorted, slots, ones), None, None
+
+
+_gather_sorted_pallas.defvjp(_gather_sorted_pallas_fwd, _gather_sorted_pallas_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _combine_pallas(block_sizes, y_sorted, order, inv, weights):
+  return _combine_rows(block_sizes, y_sorted, inv.reshape(weights.shape), weights)
+
+
+def _combine_pallas_fwd(block_sizes, y_sorted, order, inv, weights):
+  out = _combine_rows(block_sizes, y_sorted, inv.reshape(weights.shape), weights)
+  return out, (y_sorted, order, inv, weights)
+
+
+def _combine_pallas_bwd(block_sizes, res, dout):
+  y_sorted, order, inv, weights = res
+  k = weights.shape[1]
+  w_sorted = _take_rows(weights.reshape(-1).astype(jnp.float32), order)  # [R]
+  dout = dout.astype(y_sorted.dtype)
+  # One kernel: dy_sorted[i] = w_sorted[i] * dout[order[i] // K] and the dots <that row, y[i]>.
+  dy_sorted, dots = _gather_rows(block_sizes, dout, order // k, w_sorted, y_sorted)
+  dweights = _take_rows(dots, inv).reshape(weights.shape)  # back to (t, k) order: [R], not [R, F]
+  return dy_sorted, None, None, dweights.astype(weights.dtype)
+
+
+_combine_pallas.defvjp(_combine_pallas_fwd, _combine_pallas_bwd)
+
+
+def _permute_pallas(x, experts, num_experts, block_sizes):
+  def metadata(experts, **kw):
+    return kernels.dispatch_metadata_call(experts, num_experts, **kw)
+
+  inv, group_sizes = _per_platform(metadata, block_sizes, experts)
+  # The kernels give each pair its row (inv); the gather wants each row's pair (order).
+  order = inverse_permutation(inv)
+  x_sorted = _gather_sorted_pallas(experts.shape[1], block_sizes, x, order, inv)
+  return x_sorted, group_sizes, order
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
 def permute(
-  x: jax.Array, experts: jax.Array, num_experts: int, *, impl: str = "auto"
+  x: jax.Array,
+  experts: jax.Array,
+  num_experts: int,
+  *,
+  impl: str = "auto",
+  block_sizes: BlockSizes | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Sorts the T*K (token, slot) rows of x stably by expert id.
 
@@ -123,6 +221,7 @@ def permute(
     experts: [T, K] int32 expert ids in [0, E).
     num_experts: E.
     impl: "auto" | "xla" | "reference" | "pallas".
+    block_sizes: the pallas impl's blocks; None takes permute_pallas.TUNED_BLOCK_SIZES.
 
   Returns:
     x_sorted [R, D] (rows grouped by expert, token order within an expert), group_sizes [E]
@@ -133,10 +232,20 @@ def permute(
   t, k = experts.shape
   if x.shape[0] != t:
     raise ValueError(f"permute: x has {x.shape[0]} rows but experts has {t}")
+  if impl == "pallas":
+    return _permute_pallas(x, experts, num_experts, block_sizes)
   order, group_sizes = _sort_by_expert(experts, num_experts)
   if impl == "reference":
     return permute_reference_rows(x, order, k), group_sizes, order
   return _gather_sorted(x, order, k), group_sizes, order
+
+
+def permute_reference(
+  x: jax.Array, experts: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`permute` in plain jnp under plain autodiff (arguments and results as there)."""
+  order, group_sizes = _sort_by_expert(jnp.asarray(experts), num_experts)
+  return permute_reference_rows(jnp.asarray(x), order, experts.shape[1]), group_sizes, order
 
 
 def permute_reference_rows(x: jax.Array, order: jax.Array, k: int) -> jax.Array:
@@ -145,7 +254,12 @@ def permute_reference_rows(x: jax.Array, order: jax.Array, k: int) -> jax.Array:
 
 
 def unpermute(
-  y_sorted: jax.Array, perm: jax.Array, weights: jax.Array, *, impl: str = "auto"
+  y_sorted: jax.Array,
+  perm: jax.Array,
+  weights: jax.Array,
+  *,
+  impl: str = "auto",
+  block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
   """Weighted sum of each token's K expert outputs, back in token order.
 
@@ -154,6 +268,7 @@ def unpermute(
     perm: [R] int32, the `perm` returned by `permute`.
     weights: [T, K] routing weights.
     impl: "auto" | "xla" | "reference" | "pallas".
+    block_sizes: the pallas impl's blocks; None takes permute_pallas.TUNED_BLOCK_SIZES.
 
   Returns:
     [T, F] in y_sorted's dtype (accumulated in float32).
@@ -167,6 +282,9 @@ def unpermute(
     )
   if impl == "reference":
     return unpermute_reference(y_sorted, perm, weights)
+  if impl == "pallas":
+    perm = perm.astype(jnp.int32)
+    return _combine_pallas(block_sizes, y_sorted, perm, inverse_permutation(perm), weights)
   return _combine(y_sorted, perm, weights)
 
 

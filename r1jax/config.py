@@ -22,6 +22,7 @@ TOPK_METHODS = {"noaux_tc": "top2sum", "group_limited_greedy": "max", "greedy": 
 ROPE_TYPES = ("default", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "xla", "reference", "pallas")
+EXPERT_EXCHANGES = ("auto", "all_gather", "ragged_all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,8 @@ class ModelConfig:
   aux_loss_alpha: float = 1e-4
   capacity_factor: float | None = None  # None: dropless, as DeepSeek trains and serves.
   moe_impl: str = "auto"
+  # How expert shards exchange tokens on a mesh (r1jax.expert_parallel).
+  expert_exchange: str = "auto"
 
   # --- RoPE on the decoupled qk_rope_head_dim dims, with optional YaRN (SPEC.md section 4).
   max_position_embeddings: int = 163840
@@ -196,6 +199,7 @@ _NOT_FROM_HF = frozenset(
     "dtype",
     "param_dtype",
     "moe_impl",
+    "expert_exchange",
     "capacity_factor",
     "scan_layers",
     "score_func",
@@ -207,6 +211,7 @@ _NOT_TO_HF = frozenset(
     "dtype",
     "param_dtype",
     "moe_impl",
+    "expert_exchange",
     "capacity_factor",
     "scan_layers",
     "rope_type",
@@ -312,6 +317,11 @@ def _validate(c: ModelConfig) -> None:
     c.capacity_factor is None or c.capacity_factor > 0,
     "capacity_factor",
     f"must be positive or None (dropless), got {c.capacity_factor}",
+  )
+  _check(
+    c.expert_exchange in EXPERT_EXCHANGES,
+    "expert_exchange",
+    f"{c.expert_exchange!r}; use one of {EXPERT_EXCHANGES}",
   )
   _check(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r}; use one of {MOE_IMPLS}")
   _check(c.rope_type in ROPE_TYPES, "rope_type", f"{c.rope_type!r}; use one of {ROPE_TYPES}")

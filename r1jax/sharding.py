@@ -289,3 +289,27 @@ def batch_sharding(mesh: Mesh, rules: AxisRules, ndim: int = 2) -> NamedSharding
   batch = tuple(a for a in rules.mesh_axes("batch") if mesh.shape.get(a, 1) > 1)
   lead = batch[0] if len(batch) == 1 else (batch or None)
   return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def tree_shardings(tree: Any, params_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree that mirrors the params somewhere inside (optimizer state, grads).
+
+  A leaf whose dict-key path ends with a param's path takes that param's sharding when the
+  shapes agree (Adam's mu and nu); every other leaf (step counts, scalars) is replicated.
+  """
+  by_path = {_dict_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def pick(path, leaf):
+    keys = _dict_keys(path)
+    for start in range(len(keys)):
+      s = by_path.get(keys[start:])
+      if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
+        return s
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, tree)

@@ -1,4 +1,7 @@
-"""Grouped matmul: xla and reference impls against a float64 numpy loop, forward and VJP.
+"""Grouped matmul: xla, reference and pallas impls against a float64 numpy loop, forward and VJP.
+
+The pallas impl runs here through the dispatch (on CPU: the Mosaic kernel in interpret mode,
+tiles padded from K=16, N=24); tests/test_gmm_pallas.py tests its kernels one by one.
 
 Dims: M rows, K contraction, N output columns, G groups.
 """
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels import gmm_pallas
 
 M, K, N, G = 203, 16, 24, 6
 
@@ -81,7 +85,7 @@ def _assert_close(actual, expected, dtype):
     np.testing.assert_allclose(actual, expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])
 @pytest.mark.parametrize("case", sorted(SIZES))
 def test_forward_and_vjp_fp32(impl, case):
   sizes = SIZES[case]
@@ -108,7 +112,7 @@ def test_xla_tilings_match_numpy(tiling, case):
   _assert_close(drhs, want_drhs, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])
 @pytest.mark.parametrize("case", ["random", "zero_size_groups", "trailing_rows_unused"])
 def test_forward_and_vjp_bf16(impl, case):
   sizes = SIZES[case]
@@ -133,11 +137,12 @@ def test_xla_matches_reference_on_random_sizes():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])
 def test_tgmm_matches_numpy(impl):
   sizes = SIZES["trailing_rows_unused"]
   lhs, _, dout = _inputs(jnp.float32, seed=4)
-  got = pk.tgmm(lhs, dout, jnp.array(sizes, jnp.int32), impl=impl, tile=pk.GmmTiling(32, 8))
+  tile = gmm_pallas.BlockSizes(32, 128, 128) if impl == "pallas" else pk.GmmTiling(32, 8)
+  got = pk.tgmm(lhs, dout, jnp.array(sizes, jnp.int32), impl=impl, tile=tile)
   _assert_close(got, np_tgmm(lhs, dout, sizes), jnp.float32)
 
 
@@ -153,8 +158,8 @@ def test_bad_impl_and_arguments():
   gs = jnp.array(SIZES["random"], jnp.int32)
   with pytest.raises(ValueError, match="impl"):
     pk.gmm(lhs, rhs, gs, impl="cuda")
-  with pytest.raises(NotImplementedError, match="pallas"):
-    pk.gmm(lhs, rhs, gs, impl="pallas")
+  with pytest.raises(ValueError, match="BlockSizes"):  # xla tiles mean nothing to the kernels
+    pk.gmm(lhs, rhs, gs, impl="pallas", tile=pk.GmmTiling(rows=32, tail_rows=8))
   with pytest.raises(ValueError, match="group_sizes"):
     pk.gmm(lhs, rhs, gs.astype(jnp.float32))
   with pytest.raises(ValueError, match="tail_rows"):

@@ -34,7 +34,7 @@ def test_routing_matches_numpy_gate(preset, seed):
   logits = rng.standard_normal((64, cfg.n_routed_experts)).astype(np.float32)
   bias = rng.standard_normal(cfg.n_routed_experts).astype(np.float32) * 0.3
   bias = bias if cfg.use_correction_bias else None
-  weights, experts = route_tokens(jnp.asarray(logits), bias, cfg)
+  weights, experts, _ = route_tokens(jnp.asarray(logits), bias, cfg)
   want_w, want_e = np_route(logits, bias, **_gate_kwargs(cfg))
   np.testing.assert_array_equal(np.sort(np.asarray(experts), -1), np.sort(want_e, -1))
   order = lambda e, w: np.take_along_axis(w, np.argsort(e, -1), -1)
@@ -50,8 +50,8 @@ def test_bias_changes_selection_but_not_weights():
   rng = np.random.default_rng(7)
   logits = jnp.asarray(rng.standard_normal((32, 256)).astype(np.float32))
   bias = jnp.zeros(256).at[:16].set(5.0)  # Pushes experts 0..15 (groups 0 and 1) into every top-k.
-  w0, e0 = route_tokens(logits, jnp.zeros(256), cfg)
-  w1, e1 = route_tokens(logits, bias, cfg)
+  w0, e0, _ = route_tokens(logits, jnp.zeros(256), cfg)
+  w1, e1, _ = route_tokens(logits, bias, cfg)
   assert not np.array_equal(np.sort(e0, -1), np.sort(e1, -1))
   assert np.all(np.asarray(e1) < 16)
   s = jax.nn.sigmoid(logits)

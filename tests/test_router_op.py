@@ -58,7 +58,7 @@ def _route(logits, bias, cfg, impl):
   )
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference", "auto"])
+@pytest.mark.parametrize("impl", ["xla", "reference", "auto", "pallas"])
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_route_matches_numpy_gate(setting, impl):
   cfg, e, with_bias = SETTINGS[setting]
@@ -116,8 +116,11 @@ def test_bad_arguments():
   logits = jnp.zeros((4, 16))
   with pytest.raises(ValueError, match="impl"):
     pk.route(logits, None, top_k=2, impl="gpu")
-  with pytest.raises(NotImplementedError):
-    pk.route(logits, None, top_k=2, impl="pallas")
+  # The pallas impl checks its arguments as the others do, before any kernel is built.
+  with pytest.raises(ValueError, match="top_k"):
+    pk.route(logits, None, top_k=17, impl="pallas")
+  with pytest.raises(ValueError, match="topk_group"):
+    pk.route(logits, None, top_k=8, n_group=4, topk_group=1, impl="pallas")
   with pytest.raises(ValueError, match="score_func"):
     pk.route(logits, None, top_k=2, score_func="relu")
   with pytest.raises(ValueError, match="n_group"):

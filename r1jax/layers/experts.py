@@ -81,6 +81,7 @@ def routed_experts(
   *,
   impl: str = "auto",
   capacity_factor: float | None = None,
+  drop_id: bool = False,
 ) -> jax.Array:
   """Weighted sum of each token's K routed SwiGLU experts.
 
@@ -93,6 +94,8 @@ def routed_experts(
     impl: dispatch-op implementation, "auto" | "xla" | "reference" | "pallas".
     capacity_factor: None for dropless; else each expert keeps its first
       ceil(capacity_factor * T * K / E) pairs in token order and drops the rest.
+    drop_id: experts may hold the id E, meaning "no expert here" (the pair is skipped); the
+      expert-parallel exchange marks other shards' pairs this way.
 
   Returns:
     [T, D] in x.dtype.
@@ -101,7 +104,7 @@ def routed_experts(
   _check_shapes(x, weights, experts, wi, wo)
   t, k = experts.shape
   e, f = wo.shape[0], wo.shape[1]
-  num_ids = e
+  num_ids = e + 1 if drop_id else e
   if capacity_factor is not None:
     keep = capacity_mask(experts, e, expert_capacity(capacity_factor, t, k, e))
     weights = jnp.where(keep, weights, 0)

@@ -26,15 +26,16 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from r1jax import expert_parallel
 from r1jax.config import ModelConfig
 from r1jax.layers.common import dtype_of, kernel_param
-from r1jax.layers.experts import routed_experts
 from r1jax.layers.mlp import MLP
 
 
 def route_tokens(logits, bias, cfg: ModelConfig):
-  """logits [T, E] float32, bias [E] or None -> (weights [T, K] float32, experts [T, K] int32)."""
-  return pallas_kernels.route(
+  """logits [T, E] float32, bias [E] or None -> weights [T, K] float32, experts [T, K] int32 and
+  counts [E] int32 (pairs routed to each expert)."""
+  return pallas_kernels.route_with_counts(
     logits,
     bias,
     top_k=cfg.num_experts_per_tok,
@@ -89,9 +90,9 @@ class MoE(nn.Module):
       return out
     tokens = x.reshape(b * s, m)
     logits = jnp.einsum("tm,me->te", tokens.astype(jnp.float32), gate.astype(jnp.float32))
-    weights, experts = route_tokens(logits, bias, cfg)
+    weights, experts, counts = route_tokens(logits, bias, cfg)
     dtype = dtype_of(cfg.dtype)
-    routed = routed_experts(
+    routed = expert_parallel.routed_experts(
       tokens,
       weights,
       experts,
@@ -99,15 +100,16 @@ class MoE(nn.Module):
       wo.astype(dtype),
       impl=cfg.moe_impl,
       capacity_factor=cfg.capacity_factor,
+      exchange=cfg.expert_exchange,
     )
     if self.is_mutable_collection("moe_stats"):
-      self._record_stats(logits, experts, b)
+      self._record_stats(logits, experts, counts, b)
     return out + routed.reshape(b, s, m)
 
-  def _record_stats(self, logits, experts, batch):
+  def _record_stats(self, logits, experts, counts, batch):
     cfg = self.cfg
     e = cfg.n_routed_experts
-    load = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+    load = counts.astype(jnp.float32)
     scores = pallas_kernels.router_scores(logits, cfg.score_func)
     loss = cfg.aux_loss_alpha * sequence_balance_loss(scores, experts, e, batch)
     self.variable("moe_stats", "expert_load", jnp.zeros, (e,), jnp.float32).value = load

@@ -11,12 +11,14 @@ import dataclasses
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 from flax.linen import meta
 
+from r1jax import sharding
 from r1jax.model import Transformer
 from r1jax.train.losses import mtp_loss, next_token_loss
 
@@ -79,8 +81,52 @@ def update_router_bias(router_bias, expert_load, speed: float):
   return traverse_util.unflatten_dict(moved)
 
 
-def make_train_step(model: Transformer, optimizer, loss_cfg: LossConfig = LossConfig()):
-  """A jitted (state, tokens, mask) -> (state, metrics)."""
+def state_shardings(model: Transformer, optimizer, mesh, rules: sharding.AxisRules) -> TrainState:
+  """A TrainState of NamedShardings: params by the rules, Adam moments like their params."""
+  ps = sharding.param_shardings(model.cfg, mesh, rules)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  abstract = jax.eval_shape(lambda t: init_state(model, t, optimizer, jax.random.key(0)), tokens)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return TrainState(
+    step=replicated,
+    params=ps["params"],
+    router_bias=ps.get("router_bias", {}),
+    opt_state=sharding.tree_shardings(abstract.opt_state, ps["params"], mesh),
+  )
+
+
+def on_mesh(fn, mesh, rules: sharding.AxisRules | None):
+  """Runs fn with `mesh` and the rules in context (what the model's constraints and the
+  expert-parallel adapter read while tracing); without a mesh, fn as is."""
+  if mesh is None:
+    return fn
+
+  def run(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules.as_flax()):
+      return fn(*args)
+
+  return run
+
+
+def make_init(model: Transformer, optimizer, mesh=None, rules=None):
+  """A jitted (rng, tokens) -> TrainState, created directly in its shardings on a mesh."""
+  init = lambda rng, tokens: init_state(model, tokens, optimizer, rng)  # noqa: E731
+  if mesh is None:
+    return jax.jit(init)
+  rules = rules or sharding.RULES["ep_fsdp"]
+  return on_mesh(
+    jax.jit(init, out_shardings=state_shardings(model, optimizer, mesh, rules)), mesh, rules
+  )
+
+
+def make_train_step(
+  model: Transformer,
+  optimizer,
+  loss_cfg: LossConfig = LossConfig(),
+  mesh: jax.sharding.Mesh | None = None,
+  rules: sharding.AxisRules | None = None,
+):
+  """A jitted (state, tokens, mask) -> (state, metrics); on a mesh, sharded by `rules`."""
 
   def step(state: TrainState, tokens, mask):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -94,4 +140,11 @@ def make_train_step(model: Transformer, optimizer, loss_cfg: LossConfig = LossCo
     new = state.replace(step=state.step + 1, params=params, router_bias=bias, opt_state=opt_state)
     return new, metrics
 
-  return jax.jit(step)
+  if mesh is None:
+    return jax.jit(step)
+  rules = rules or sharding.RULES["ep_fsdp"]
+  states = state_shardings(model, optimizer, mesh, rules)
+  batch = sharding.batch_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  jitted = jax.jit(step, in_shardings=(states, batch, batch), out_shardings=(states, replicated))
+  return on_mesh(jitted, mesh, rules)
