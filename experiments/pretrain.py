@@ -10,13 +10,14 @@ to 2.3 (LM loss 5.5 -> 1.8).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 
 import jax
 from absl import app, flags
 
 from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
-from r1jax import ModelConfig, param_count
+from r1jax import ModelConfig, distributed, param_count, sharding
 from r1jax.checkpoint import load_weights, read_config
 from r1jax.train.loop import TrainConfig, check_fits, train
 
@@ -31,6 +32,16 @@ flags.DEFINE_integer("seed", 0, "Seed for params and data.")
 flags.DEFINE_float("mtp_weight", 0.3, "Weight lambda of the multi-token-prediction loss.")
 flags.DEFINE_float("bias_update_speed", 1e-3, "Aux-loss-free balancing speed gamma.")
 flags.DEFINE_integer("log_every", 25, "Print the loss every this many steps.")
+flags.DEFINE_string(
+  "mesh",
+  "",
+  "Device mesh AXIS=SIZE,... over data, fsdp, expert, tensor (-1: the rest), e.g. "
+  "data=2,expert=4; empty: one device.",
+)
+flags.DEFINE_string("rules", "ep_fsdp", "Sharding rules preset: fsdp | ep_fsdp | ep_as_dp.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: process 0's host:port.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: processes in the job.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.DEFINE_string(
   "init_from",
   None,
@@ -68,16 +79,32 @@ def main(argv):
     exit_on_bad_input(f"unexpected arguments {argv[1:]}; pass everything as --flag=value")
   try:
     model_cfg, train_cfg = configs_from_flags()
+    mesh_sizes = sharding.parse_mesh(FLAGS.mesh)
+    if FLAGS.rules not in sharding.RULES:
+      raise ValueError(f"--rules: unknown {FLAGS.rules!r}; choose one of {sorted(sharding.RULES)}")
+    rules = sharding.RULES[FLAGS.rules]
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    mesh = None
+    if FLAGS.mesh:
+      mesh = sharding.make_mesh(**mesh_sizes)
+      sharding.param_specs(model_cfg, mesh, rules)  # divisibility, before any compile
+      batch_shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
+      if train_cfg.batch_size % batch_shards:
+        raise ValueError(
+          f"--batch_size: {train_cfg.batch_size} does not split over the {batch_shards} batch "
+          "shards of --mesh (data x fsdp x expert)"
+        )
   except ValueError as err:
     exit_on_bad_input(str(err))
   source = f"weights {FLAGS.init_from}" if FLAGS.init_from else f"preset {FLAGS.preset}"
   print(
     f"r1jax pretrain: {source}, {param_count(model_cfg):,} params, "
-    f"{jax.device_count()} {jax.default_backend()} device(s)"
+    f"{jax.device_count()} {jax.default_backend()} device(s) in {jax.process_count()} "
+    f"process(es), mesh {dict(mesh.shape) if mesh is not None else 'none'}"
   )
   print(f"train config: {dataclasses.asdict(train_cfg)}")
   init_variables = load_weights(FLAGS.init_from)[1] if FLAGS.init_from else None
-  history = train(model_cfg, train_cfg, init_variables=init_variables)
+  history = train(model_cfg, train_cfg, init_variables=init_variables, mesh=mesh, rules=rules)
   first, last = history[0]["loss"], history[-1]["loss"]
   print(f"loss {first:.4f} -> {last:.4f} over {train_cfg.num_steps} steps")
   sys.stdout.flush()

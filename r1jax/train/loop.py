@@ -12,12 +12,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from r1jax import sharding
 from r1jax.config import ModelConfig
 from r1jax.data.synthetic import addition_batch
 from r1jax.model import Transformer
-from r1jax.train.step import LossConfig, init_state, make_train_step
+from r1jax.train.step import LossConfig, make_init, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,28 +83,38 @@ def train(
   train_cfg: TrainConfig,
   log: Callable[[str], None] = print,
   init_variables: dict[str, Any] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: sharding.AxisRules | None = None,
 ) -> list[dict[str, float]]:
   """Trains on the synthetic addition task; returns the logged metrics (one dict per log step).
 
   `init_variables` ({"params", "router_bias"}, e.g. from `r1jax.checkpoint.load_weights`) replace
-  the random init; the optimizer state starts fresh.
+  the random init; the optimizer state starts fresh. With a `mesh` (one process or many), the
+  state lives in the `rules`' shardings and every process builds the same global batch, of
+  which each device takes its shard.
   """
   check_fits(model_cfg, train_cfg)
   model = Transformer(model_cfg)
   optimizer = make_optimizer(train_cfg)
-  batch = lambda step: jnp.asarray(
-    addition_batch(train_cfg.seed, step, train_cfg.batch_size, train_cfg.seq_len)
-  )
-  init = jax.jit(lambda rng, tokens: init_state(model, tokens, optimizer, rng))
-  state = init(jax.random.key(train_cfg.seed), batch(0))
+  rules = rules or sharding.RULES["ep_fsdp"]
+  shape = (train_cfg.batch_size, train_cfg.seq_len)
+  in_batch = sharding.batch_sharding(mesh, rules) if mesh is not None else None
+
+  def global_array(host):
+    if mesh is None:
+      return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, in_batch, lambda index: host[index])
+
+  batch = lambda step: global_array(addition_batch(train_cfg.seed, step, *shape))  # noqa: E731
+  state = make_init(model, optimizer, mesh, rules)(jax.random.key(train_cfg.seed), batch(0))
   if init_variables is not None:
     state = state.replace(
       params=init_variables["params"], router_bias=init_variables.get("router_bias", {})
     )
   step_fn = make_train_step(
-    model, optimizer, LossConfig(train_cfg.mtp_weight, train_cfg.bias_update_speed)
+    model, optimizer, LossConfig(train_cfg.mtp_weight, train_cfg.bias_update_speed), mesh, rules
   )
-  mask = jnp.ones((train_cfg.batch_size, train_cfg.seq_len), jnp.int32)
+  mask = global_array(np.ones(shape, np.int32))
   history, start = [], time.perf_counter()
   for step in range(train_cfg.num_steps):
     state, metrics = step_fn(state, batch(step), mask)
