@@ -3,10 +3,10 @@
 Dims: T tokens (global), T_l = T / (batch shards) local tokens, n = expert-axis size,
 E experts, E_l = E / n local experts, K top-k, m model dim.
 
-The MoE layer routes under plain jit (so the expert counts for the balancing bias come from the
-whole batch: XLA reduces them over every shard) and hands the routed part to `routed_experts`
-here. Without a mesh in context (`jax.set_mesh`), or on a 1-device mesh, that is the local
-dispatch path as is. On a mesh, tokens are split over the batch axes (data, fsdp, expert) and
+The MoE layer hands routing and the routed experts to `route_and_run` here. Without a mesh in
+context (`jax.set_mesh`), or on a 1-device mesh, that is the local dispatch path as is. On a
+mesh, each shard routes its own tokens (the per-expert counts for the balancing bias are then
+summed over all batch shards with psum: the whole batch's counts, never one shard's). On a mesh, tokens are split over the batch axes (data, fsdp, expert) and
 routed experts over `expert`, and each shard exchanges tokens with its expert-axis peers:
 
   all_gather (runs everywhere, CPU included):
@@ -24,6 +24,9 @@ Gradients flow through the collectives (all_gather <-> psum_scatter are each oth
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +60,79 @@ def resolve_exchange(exchange: str) -> str:
   return "all_gather" if exchange == "auto" else exchange
 
 
+def _check_mesh(mesh, tokens: int, num_experts: int, capacity_factor) -> tuple[tuple, int]:
+  """(batch axes, expert-axis size) of the mesh, with its constraints checked."""
+  if capacity_factor is not None:
+    raise ValueError("capacity_factor: not supported on a sharded mesh; use None (dropless)")
+  batch = _batch_axes(mesh)
+  shards = math.prod(mesh.shape[a] for a in batch)
+  if tokens % shards:
+    raise ValueError(f"batch: {tokens} tokens do not split over the {shards} batch shards")
+  n = mesh.shape["expert"] if "expert" in mesh.axis_names else 1
+  if num_experts % n:
+    raise ValueError(f"--mesh: expert={n} does not divide n_routed_experts={num_experts}")
+  return batch, n
+
+
+def route_and_run(
+  x: jax.Array,
+  logits: jax.Array,
+  bias: jax.Array | None,
+  wi: jax.Array,
+  wo: jax.Array,
+  *,
+  route: Callable,
+  impl: str = "auto",
+  capacity_factor: float | None = None,
+  exchange: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Routes the tokens and runs their routed experts, sharded over the context mesh if any.
+
+  Routing runs inside the shard_map too, on each shard's own tokens: a Pallas kernel cannot be
+  partitioned by XLA, and the per-expert counts are then summed over every batch shard
+  explicitly (psum), so the balancing bias sees the whole batch.
+
+  Args:
+    x: [T, D] tokens; logits: [T, E] router logits; bias: [E] correction bias or None.
+    wi: [E, D, 2F]; wo: [E, F, D].
+    route: (logits, bias) -> (weights [T, K], experts [T, K] int32, counts [E] int32).
+    impl: dispatch-op implementation.
+    capacity_factor: None (dropless); a capacity works only without a mesh.
+    exchange: "auto" | "all_gather" | "ragged_all_to_all".
+
+  Returns:
+    out [T, D] in x.dtype, experts [T, K] and counts [E] (over the whole batch).
+  """
+  mesh = context_mesh()
+  if mesh is None:
+    weights, experts, counts = route(logits, bias)
+    out = local_routed_experts(
+      x, weights, experts, wi, wo, impl=impl, capacity_factor=capacity_factor
+    )
+    return out, experts, counts
+  batch, n = _check_mesh(mesh, x.shape[0], wi.shape[0], capacity_factor)
+  local = (
+    _ragged_exchange if resolve_exchange(exchange) == "ragged_all_to_all" else _gather_exchange
+  )
+
+  def body(x, logits, bias, wi, wo):
+    weights, experts, counts = route(logits, bias)
+    if batch:
+      counts = lax.psum(counts, batch)
+    return local(x, weights, experts, wi, wo, impl=impl, n=n), experts, counts
+
+  tokens = P(batch or None)
+  expert_axis = P("expert") if n > 1 else P()
+  bias_spec = None if bias is None else P()
+  return jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(tokens, tokens, bias_spec, expert_axis, expert_axis),
+    out_specs=(tokens, tokens, P()),
+    check_vma=False,
+  )(x, logits, bias, wi, wo)
+
+
 def routed_experts(
   x: jax.Array,
   weights: jax.Array,
@@ -68,48 +144,28 @@ def routed_experts(
   capacity_factor: float | None = None,
   exchange: str = "auto",
 ) -> jax.Array:
-  """`r1jax.layers.experts.routed_experts`, sharded over the context mesh when there is one.
+  """`r1jax.layers.experts.routed_experts` (routing already done), sharded over the context mesh.
 
-  Args:
-    x: [T, D] tokens; weights, experts: [T, K]; wi: [E, D, 2F]; wo: [E, F, D].
-    impl: dispatch-op implementation.
-    capacity_factor: None (dropless); a capacity works only without a mesh.
-    exchange: "auto" | "all_gather" | "ragged_all_to_all".
-
-  Returns:
-    [T, D] in x.dtype.
+  Args and result as `route_and_run`, with weights, experts [T, K] given.
   """
   mesh = context_mesh()
   if mesh is None:
     return local_routed_experts(
       x, weights, experts, wi, wo, impl=impl, capacity_factor=capacity_factor
     )
-  if capacity_factor is not None:
-    raise ValueError("capacity_factor: not supported on a sharded mesh; use None (dropless)")
-  batch = _batch_axes(mesh)
-  shards = 1
-  for a in batch:
-    shards *= mesh.shape[a]
-  if x.shape[0] % shards:
-    raise ValueError(
-      f"batch: {x.shape[0]} tokens do not split over the {shards} batch shards of the mesh"
-    )
-  n = mesh.shape["expert"] if "expert" in mesh.axis_names else 1
-  if wi.shape[0] % n:
-    raise ValueError(f"--mesh: expert={n} does not divide n_routed_experts={wi.shape[0]}")
+  batch, n = _check_mesh(mesh, x.shape[0], wi.shape[0], capacity_factor)
   local = (
     _ragged_exchange if resolve_exchange(exchange) == "ragged_all_to_all" else _gather_exchange
   )
   tokens = P(batch or None)
   expert_axis = P("expert") if n > 1 else P()
-  body = jax.shard_map(
+  return jax.shard_map(
     lambda *a: local(*a, impl=impl, n=n),
     mesh=mesh,
     in_specs=(tokens, tokens, tokens, expert_axis, expert_axis),
     out_specs=tokens,
     check_vma=False,
-  )
-  return body(x, weights, experts, wi, wo)
+  )(x, weights, experts, wi, wo)
 
 
 def _local_ids(experts, weights, e_local: int, shard):

@@ -291,6 +291,22 @@ def batch_sharding(mesh: Mesh, rules: AxisRules, ndim: int = 2) -> NamedSharding
   return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
 
 
+def cache_shardings(cache: Any, mesh: Mesh, rules: AxisRules) -> Any:
+  """Shardings of the decode cache: latent and RoPE key ([..., b, t, dim]) split on the batch dim
+  like the batch; the write index (a scalar per layer) replicated. The cache has no head axis
+  (MLA caches the shared latent), so `tensor` does not split it."""
+  lead = batch_sharding(mesh, rules).spec[0]
+
+  def pick(leaf):
+    if leaf.ndim < 3:
+      return NamedSharding(mesh, PartitionSpec())
+    dims = [None] * leaf.ndim
+    dims[leaf.ndim - 3] = lead
+    return NamedSharding(mesh, PartitionSpec(*dims))
+
+  return jax.tree.map(pick, cache)
+
+
 def _dict_keys(path) -> tuple[str, ...]:
   return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 

@@ -33,6 +33,11 @@ def test_pretrain_library_call_lowers_the_loss():
     ("--moe_impl=cuda", "error: moe_impl: 'cuda'"),
     ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
     ("--init_from=/nonexistent", "error: init_from: /nonexistent: not an r1jax weights directory"),
+    # tests/conftest.py gives this process, and so the child, 8 simulated CPU devices
+    ("--mesh=data=16", "error: --mesh: data=16,fsdp=1,expert=1,tensor=1 needs 16 devices but 8"),
+    ("--mesh=pipe=2", "error: --mesh: 'pipe=2' is not AXIS=SIZE"),
+    ("--mesh=expert=3", "error: --mesh: expert=3 does not divide n_routed_experts=8"),
+    ("--rules=tp", "error: --rules: unknown 'tp'"),
   ],
 )
 def test_pretrain_bad_flags_exit_2_with_one_line(flag, message):

@@ -138,3 +138,34 @@ def test_golden_partition_specs_of_tiny():
   with open(GOLDEN) as f:
     golden = json.load(f)
   assert got == golden
+
+
+def test_sharded_decode_cache_gives_the_same_logits():
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import numpy as np
+
+  from r1jax.model import Transformer
+
+  cfg = ModelConfig.from_preset("tiny")
+  decoder = Transformer(cfg, decode=True)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (8, 4)), jnp.int32)
+  variables = jax.jit(decoder.init)(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+  params = {"params": variables["params"], "router_bias": variables["router_bias"]}
+  step = jax.jit(lambda v, t: decoder.apply(v, t, mutable=["cache"]))
+  want, _ = step({**params, "cache": variables["cache"]}, tokens)
+
+  mesh = sharding.make_mesh(data=2, expert=4)
+  rules = sharding.RULES["ep_fsdp"]
+  cache = jax.device_put(
+    variables["cache"], sharding.cache_shardings(variables["cache"], mesh, rules)
+  )
+  latent = cache["moe_layers"]["attn"]["latent"]  # [layers, b, t, c]
+  assert latent.sharding.spec == P(None, ("data", "expert"), None, None)
+  assert {s.data.shape[1] for s in latent.addressable_shards} == {1}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules.as_flax()):
+    got, updated = jax.jit(lambda v, t: decoder.apply(v, t, mutable=["cache"]))(
+      {**params, "cache": cache}, tokens
+    )
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert int(updated["cache"]["moe_layers"]["attn"]["index"][0]) == 4

@@ -90,14 +90,14 @@ class MoE(nn.Module):
       return out
     tokens = x.reshape(b * s, m)
     logits = jnp.einsum("tm,me->te", tokens.astype(jnp.float32), gate.astype(jnp.float32))
-    weights, experts, counts = route_tokens(logits, bias, cfg)
     dtype = dtype_of(cfg.dtype)
-    routed = expert_parallel.routed_experts(
+    routed, experts, counts = expert_parallel.route_and_run(
       tokens,
-      weights,
-      experts,
+      logits,
+      bias,
       wi.astype(dtype).reshape(e, m, 2 * f),  # gate columns, then up: one grouped matmul.
       wo.astype(dtype),
+      route=lambda logits, bias: route_tokens(logits, bias, cfg),
       impl=cfg.moe_impl,
       capacity_factor=cfg.capacity_factor,
       exchange=cfg.expert_exchange,

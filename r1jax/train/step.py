@@ -105,6 +105,7 @@ def on_mesh(fn, mesh, rules: sharding.AxisRules | None):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules.as_flax()):
       return fn(*args)
 
+  run.wrapped = fn  # e.g. the jitted step, for jax.export under the same context
   return run
 
 
