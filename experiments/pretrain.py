@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 
 import jax
 from absl import app, flags
 
 from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
+from experiments.flagfile import replayable_flags
 from r1jax import ModelConfig, distributed, param_count, sharding
 from r1jax.checkpoint import load_weights, read_config
+from r1jax.train import trainer
 from r1jax.train.loop import TrainConfig, check_fits, train
 
 FLAGS = flags.FLAGS
@@ -42,6 +45,14 @@ flags.DEFINE_string("rules", "ep_fsdp", "Sharding rules preset: fsdp | ep_fsdp |
 flags.DEFINE_string("coordinator_address", None, "Multi-process: process 0's host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: processes in the job.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_string(
+  "workdir",
+  None,
+  "Run directory: flags.txt, config.json, run_info.json, metrics.jsonl, checkpoints/. An "
+  "existing run there is resumed from its newest checkpoint.",
+)
+flags.DEFINE_integer("save_every", 100, "Checkpoint every this many steps (with --workdir).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept on disk (with --workdir).")
 flags.DEFINE_string(
   "init_from",
   None,
@@ -74,11 +85,27 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig]:
   return model_cfg, train_cfg
 
 
+def _check_workdir(workdir: str) -> None:
+  """A workdir is new, empty, or an r1jax run (resumed); anything else is left untouched."""
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    if not os.path.exists(os.path.join(workdir, "flags.txt")):
+      raise ValueError(
+        f"--workdir: {workdir} is not empty and holds no r1jax run (no flags.txt); "
+        "choose a new directory"
+      )
+  elif os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir: {workdir} is a file; choose a directory")
+
+
 def main(argv):
   if len(argv) > 1:
     exit_on_bad_input(f"unexpected arguments {argv[1:]}; pass everything as --flag=value")
   try:
     model_cfg, train_cfg = configs_from_flags()
+    run_cfg = None
+    if FLAGS.workdir:
+      run_cfg = trainer.RunConfig(FLAGS.workdir, FLAGS.save_every, FLAGS.keep_checkpoints)
+      _check_workdir(FLAGS.workdir)
     mesh_sizes = sharding.parse_mesh(FLAGS.mesh)
     if FLAGS.rules not in sharding.RULES:
       raise ValueError(f"--rules: unknown {FLAGS.rules!r}; choose one of {sorted(sharding.RULES)}")
@@ -104,9 +131,26 @@ def main(argv):
   )
   print(f"train config: {dataclasses.asdict(train_cfg)}")
   init_variables = load_weights(FLAGS.init_from)[1] if FLAGS.init_from else None
-  history = train(model_cfg, train_cfg, init_variables=init_variables, mesh=mesh, rules=rules)
-  first, last = history[0]["loss"], history[-1]["loss"]
-  print(f"loss {first:.4f} -> {last:.4f} over {train_cfg.num_steps} steps")
+  if not FLAGS.workdir:
+    history = train(model_cfg, train_cfg, init_variables=init_variables, mesh=mesh, rules=rules)
+    first, last = history[0]["loss"], history[-1]["loss"]
+    print(f"loss {first:.4f} -> {last:.4f} over {train_cfg.num_steps} steps")
+    sys.stdout.flush()
+    return
+  if not os.path.exists(os.path.join(FLAGS.workdir, "flags.txt")):
+    command = "python -m experiments.pretrain --flagfile=<this file> [--workdir=NEW_DIR]"
+    flags_text = replayable_flags(__name__, header=command)
+    trainer.write_run_record(FLAGS.workdir, flags_text, model_cfg, train_cfg, mesh)
+  try:
+    result = trainer.run(
+      model_cfg, train_cfg, run_cfg, mesh=mesh, rules=rules, init_variables=init_variables
+    )
+  except trainer.NonFiniteLoss as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(3)
+  history = result["history"]
+  if history:
+    print(f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} ({result['status']})")
   sys.stdout.flush()
 
 

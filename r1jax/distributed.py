@@ -20,7 +20,7 @@ def initialize(
   num_processes: int | None = None,
   process_id: int | None = None,
   *,
-  auto: bool = False,
+  auto: bool | None = None,
 ) -> bool:
   """Starts the multi-process runtime if asked to; returns whether it did.
 
@@ -29,7 +29,8 @@ def initialize(
     num_processes: processes in the job.
     process_id: this process's index.
     auto: with no arguments and no R1JAX_* variables, let JAX detect the cluster (Cloud TPU
-      pod slices, SLURM); otherwise run as a single process.
+      pod slices, SLURM); otherwise run as a single process. None: auto exactly when the
+      environment shows a multi-host job (`cluster_detected`).
 
   Raises:
     ValueError: some but not all of the three settings are given (names the missing ones).
@@ -47,6 +48,8 @@ def initialize(
       f"{missing[0]}: multi-process needs coordinator_address, num_processes and process_id "
       f"together (flags or {', '.join(_ENV)}); missing {', '.join(missing)}"
     )
+  if auto is None:
+    auto = cluster_detected()
   if not present and not auto:
     return False
   if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or _cpu_only():
@@ -66,3 +69,19 @@ def _cpu_only() -> bool:
   # Must not start a backend before initialize(): look at the configured platforms only.
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   return platforms.split(",")[0] == "cpu"
+
+
+def cluster_detected(environ=None) -> bool:
+  """Whether this process is one of several in a job JAX can join without arguments.
+
+  Cloud TPU VMs of a multi-host slice list their workers in TPU_WORKER_HOSTNAMES; SLURM sets
+  SLURM_NTASKS (and JAX reads the rest from SLURM's variables).
+  """
+  env = os.environ if environ is None else environ
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  if len(hosts) > 1:
+    return True
+  try:
+    return int(env.get("SLURM_NTASKS", "1")) > 1
+  except ValueError:
+    return False

@@ -66,6 +66,19 @@ def loss_fn(params, router_bias, model: Transformer, tokens, mask, loss_cfg: Los
   return total, (metrics, load)
 
 
+def load_balance_metrics(expert_load) -> dict[str, jax.Array]:
+  """Worst layer's max/mean expert load, and the mean over layers of the load's coefficient of
+  variation (std/mean); 1 and 0 mean perfectly balanced. Empty for a model without MoE."""
+  if not expert_load:
+    return {}
+  per_layer = jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in expert_load.values()])
+  mean = jnp.mean(per_layer, axis=-1)
+  return {
+    "load_max_mean": jnp.max(jnp.max(per_layer, axis=-1) / mean),
+    "load_cv": jnp.mean(jnp.std(per_layer, axis=-1) / mean),
+  }
+
+
 def update_router_bias(router_bias, expert_load, speed: float):
   """b_i += gamma * sign(mean_i(c) - c_i) for every MoE layer.
 
@@ -138,6 +151,7 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     bias = update_router_bias(state.router_bias, load, loss_cfg.bias_update_speed)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics.update(load_balance_metrics(load))
     new = state.replace(step=state.step + 1, params=params, router_bias=bias, opt_state=opt_state)
     return new, metrics
 

@@ -1,0 +1,248 @@
+"""The training run behind the experiments: workdir, run record, checkpoints, resume, faults.
+
+A run's workdir holds:
+  flags.txt         a flagfile that replays the run (written by the experiment, process 0)
+  config.json       the resolved ModelConfig and TrainConfig
+  run_info.json     git revision and dirty bit, package versions, backend, devices, mesh
+  metrics.jsonl     one JSON object per logged step (step, loss, lm_loss, mtp_loss, ...)
+  checkpoints/      orbax: the train state and the data position every --save_every steps
+
+Starting with a workdir that holds checkpoints resumes from the newest readable one, and the
+metrics of steps after it are dropped from metrics.jsonl (they are recomputed, identically on
+CPU). SIGTERM (what Cloud TPU sends before preemption) saves at the next step boundary and
+returns; a non-finite loss stops the run before anything is saved, naming the step, so the last
+good checkpoint stays the newest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from r1jax import sharding
+from r1jax.config import ModelConfig
+from r1jax.data.synthetic import addition_batch
+from r1jax.model import Transformer
+from r1jax.train.checkpoints import TrainCheckpoints
+from r1jax.train.loop import TrainConfig, check_fits, make_optimizer
+from r1jax.train.step import LossConfig, make_init, make_train_step
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss became NaN or infinite; the message names the step and the kept checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Where a run lives and how often it saves.
+
+  Attributes:
+    workdir: the run's directory (created; an existing one with checkpoints is resumed).
+    save_every: checkpoint every this many steps (and always at the end).
+    keep: checkpoints kept on disk.
+  """
+
+  workdir: str
+  save_every: int = 100
+  keep: int = 3
+
+  def __post_init__(self):
+    if not self.workdir:
+      raise ValueError("workdir: must be a directory path")
+    if self.save_every < 1:
+      raise ValueError(f"save_every: must be >= 1, got {self.save_every}")
+    if self.keep < 1:
+      raise ValueError(f"keep_checkpoints: must be >= 1, got {self.keep}")
+
+
+def _git_revision() -> dict[str, Any]:
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    rev = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return {"git_revision": None, "git_dirty": None}
+  return {"git_revision": rev or None, "git_dirty": bool(dirty) if rev else None}
+
+
+def run_info(mesh) -> dict[str, Any]:
+  """Versions, backend, devices and mesh: what replaying a run needs to match."""
+  from importlib import metadata
+
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      versions[pkg] = None
+  return {
+    **_git_revision(),
+    "python": sys.version.split()[0],
+    "versions": versions,
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "process_count": jax.process_count(),
+    "mesh": dict(mesh.shape) if mesh is not None else None,
+  }
+
+
+def write_run_record(
+  workdir: str, flags_text: str, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh
+) -> None:
+  """flags.txt, config.json and run_info.json, on process 0 (before step 0)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "flags.txt"), "w") as f:
+    f.write(flags_text)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(
+      {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)}, f, indent=2
+    )
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump(run_info(mesh), f, indent=2)
+
+
+def _trim_metrics(path: str, before_step: int) -> None:
+  """Drops logged steps >= before_step (a resumed run logs them again)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)["step"] < before_step]
+  with open(path, "w") as f:
+    f.writelines(rows)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks at each step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if hasattr(signal, "SIGTERM"):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _progress(step: int, total: int, start_step: int, started: float, loss: float) -> str:
+  done = step + 1 - start_step
+  elapsed = time.perf_counter() - started
+  rate = done / elapsed if elapsed > 0 else 0.0
+  eta = (total - step - 1) / rate if rate > 0 else float("inf")
+  return f"[{step + 1}/{total}] loss {loss:.4f}  {rate:.2f} steps/s  eta {eta:6.0f}s"
+
+
+def run(
+  model_cfg: ModelConfig,
+  train_cfg: TrainConfig,
+  run_cfg: RunConfig,
+  *,
+  mesh=None,
+  rules: sharding.AxisRules | None = None,
+  init_variables: dict[str, Any] | None = None,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+  """Trains on the synthetic addition task with checkpoints in `run_cfg.workdir`.
+
+  Returns:
+    {"status": "done" | "preempted", "step": steps completed, "history": logged rows}.
+
+  Raises:
+    NonFiniteLoss: the loss became non-finite (nothing is saved for that step).
+  """
+  check_fits(model_cfg, train_cfg)
+  model = Transformer(model_cfg)
+  optimizer = make_optimizer(train_cfg)
+  rules = rules or sharding.RULES["ep_fsdp"]
+  shape = (train_cfg.batch_size, train_cfg.seq_len)
+  in_batch = sharding.batch_sharding(mesh, rules) if mesh is not None else None
+
+  def global_array(host):
+    if mesh is None:
+      return jax.numpy.asarray(host)
+    return jax.make_array_from_callback(host.shape, in_batch, lambda index: host[index])
+
+  def batch(step):
+    return global_array(addition_batch(train_cfg.seed, step, *shape))
+
+  state = make_init(model, optimizer, mesh, rules)(jax.random.key(train_cfg.seed), batch(0))
+  if init_variables is not None:
+    state = state.replace(
+      params=init_variables["params"], router_bias=init_variables.get("router_bias", {})
+    )
+  checkpoints = TrainCheckpoints(
+    run_cfg.workdir, save_every=run_cfg.save_every, keep=run_cfg.keep, log=log
+  )
+  metrics_path = os.path.join(run_cfg.workdir, METRICS_FILE)
+  start = 0
+  restored = checkpoints.restore_latest(state)
+  if restored is not None:
+    start, state, data_state = restored
+    if data_state.get("next_step") != start:
+      raise ValueError(f"{checkpoints.directory}/{start}: data position {data_state} != step")
+    log(f"resumed from step {start} ({checkpoints.directory})")
+    if jax.process_index() == 0:
+      _trim_metrics(metrics_path, start)
+  step_fn = make_train_step(
+    model, optimizer, LossConfig(train_cfg.mtp_weight, train_cfg.bias_update_speed), mesh, rules
+  )
+  mask = global_array(np.ones(shape, np.int32))
+  history: list[dict[str, float]] = []
+  started = time.perf_counter()
+  status = "done"
+  with _Preemption() as preemption:
+    step = start
+    while step < train_cfg.num_steps:
+      new_state, metrics = step_fn(state, batch(step), mask)
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        checkpoints.wait()
+        kept = checkpoints.steps()
+        raise NonFiniteLoss(
+          f"step {step}: loss is {loss}; stopping. The last good checkpoint "
+          f"({kept[-1] if kept else 'none'}) in {checkpoints.directory} is kept"
+        )
+      state, step = new_state, step + 1
+      last = step == train_cfg.num_steps
+      if (step - 1) % train_cfg.log_every == 0 or last:
+        row = {"step": step - 1, **{k: float(v) for k, v in metrics.items()}}
+        history.append(row)
+        if jax.process_index() == 0:
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(_progress(step - 1, train_cfg.num_steps, start, started, loss))
+      checkpoints.save(step, state, {"next_step": step}, force=last or preemption.requested)
+      if preemption.requested and not last:
+        status = "preempted"
+        log(f"SIGTERM: saved step {step}; exiting")
+        break
+  checkpoints.close()
+  return {"status": status, "step": step, "history": history}
