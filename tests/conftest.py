@@ -3,7 +3,7 @@
 - float32 matmuls at full precision, so that references agree to 1e-5;
 - a persistent compilation cache inside the checkout (ignored by git; a fresh clone starts
   cold), so tests that build the same computation compile it once: XLA compiles are most of
-  this suite's time on a 2-core CPU;
+  this suite's time on a 2-core CPU. Subprocesses (the experiments' CLI tests) share it;
 - 8 simulated CPU devices for the sharding tests (set before jax initialises its backend;
   unsharded computations run on the first device as before).
 """
@@ -17,9 +17,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import jax  # noqa: E402
 
+CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
+# The environment too, so that the experiments the tests start as subprocesses share the cache:
+# the same tiny run compiled once serves every later process that runs it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update(
-  "jax_compilation_cache_dir",
-  os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"),
-)
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
