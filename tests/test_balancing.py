@@ -8,6 +8,7 @@ section 2.1.2).
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax.linen import meta
 
 from r1jax.config import ModelConfig
@@ -43,6 +44,7 @@ def _load_trace(gamma, steps):
   return [row["load_max_mean"] for row in history]
 
 
+@pytest.mark.slow
 def test_bias_update_balances_a_skewed_router_and_gamma_zero_does_not():
   """max/mean expert load (worst MoE layer): measured 2.9 -> 1.1-1.2 by step 80 with gamma=1e-3
   (V3's value); it stays at 2.9 with gamma = 0."""

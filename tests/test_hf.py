@@ -131,7 +131,7 @@ def test_load_dequantizes_fp8(saved_a, tmp_path):
     np.testing.assert_array_equal(np.asarray(variables["fp8"][key]), np.asarray(value))
 
 
-@pytest.mark.parametrize("rules", ["ep_fsdp", "fsdp"])
+@pytest.mark.parametrize("rules", ["ep_fsdp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_load_onto_a_mesh_places_every_leaf_on_its_sharding(saved_a, rules):
   """8 simulated devices, fsdp=2 x expert=2 x tensor=2: same values, the rules' shardings."""
   _, path = saved_a

@@ -43,6 +43,7 @@ def _losses(stdout):
   return {p: [loss for _, loss in sorted(rows)] for p, rows in losses.items()}
 
 
+@pytest.mark.slow
 def test_two_processes_print_the_losses_of_one():
   # The launcher replaces the 8 devices that conftest puts in XLA_FLAGS with 4 per process.
   multi = _run(

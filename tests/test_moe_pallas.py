@@ -48,6 +48,7 @@ def test_moe_block_forward_and_backward_export(platform):
   assert text.count(call) >= 8, text.count(call)
 
 
+@pytest.mark.slow
 def test_train_step_with_pallas_equals_reference():
   """Two steps of the tiny model (interpret mode): same losses as the reference impl."""
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 16)), jnp.int32)

@@ -102,6 +102,7 @@ def test_run_writes_the_record_and_replays_bit_identically(reference, tmp_path):
   assert _losses(str(tmp_path / "replay")) == want  # flags.txt alone replays it
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_gives_the_uninterrupted_run(reference, tmp_path):
   workdir = str(tmp_path / "killed")
   proc = _start(workdir)
@@ -130,6 +131,7 @@ def _final_params(workdir):
   return {"/".join(k): np.asarray(v) for k, v in leaves.items()}
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_0(tmp_path):
   workdir = str(tmp_path / "preempted")
   proc = _start(workdir, "--num_steps=1000", "--save_every=500")
@@ -142,6 +144,7 @@ def test_sigterm_saves_and_exits_0(tmp_path):
   assert steps and max(steps) < 500  # saved at the preemption, not at a scheduled step
 
 
+@pytest.mark.slow
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
   import shutil
 

@@ -63,15 +63,20 @@ def check_fits(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
     )
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """AdamW (b2 0.95 as V3) after global-norm clipping, linear warmup then cosine decay to 10%."""
-  schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup, then cosine decay to 10% of the peak at num_steps."""
+  return optax.warmup_cosine_decay_schedule(
     0.0,
     cfg.learning_rate,
     cfg.warmup_steps,
     max(cfg.num_steps, cfg.warmup_steps + 1),
     end_value=0.1 * cfg.learning_rate,
   )
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW (b2 0.95 as V3) after global-norm clipping, on `make_schedule`."""
+  schedule = make_schedule(cfg)
   return optax.chain(
     optax.clip_by_global_norm(cfg.clip_norm),
     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay),
@@ -120,7 +125,7 @@ def train(
     state, metrics = step_fn(state, batch(step), mask)
     last = step + 1 == train_cfg.num_steps
     if step % train_cfg.log_every == 0 or last:
-      row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+      row = {"step": step, **{k: float(v) for k, v in metrics.items() if not np.ndim(v)}}
       row["elapsed_s"] = time.perf_counter() - start
       history.append(row)
       log(

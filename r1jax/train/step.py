@@ -73,9 +73,11 @@ def load_balance_metrics(expert_load) -> dict[str, jax.Array]:
     return {}
   per_layer = jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in expert_load.values()])
   mean = jnp.mean(per_layer, axis=-1)
+  ratio = jnp.max(per_layer, axis=-1) / mean
   return {
-    "load_max_mean": jnp.max(jnp.max(per_layer, axis=-1) / mean),
+    "load_max_mean": jnp.max(ratio),
     "load_cv": jnp.mean(jnp.std(per_layer, axis=-1) / mean),
+    "load_max_mean_layers": ratio,  # [MoE layers], in the order of the router-bias tree
   }
 
 

@@ -4,7 +4,9 @@ A run's workdir holds:
   flags.txt         a flagfile that replays the run (written by the experiment, process 0)
   config.json       the resolved ModelConfig and TrainConfig
   run_info.json     git revision and dirty bit, package versions, backend, devices, mesh
-  metrics.jsonl     one JSON object per logged step (step, loss, lm_loss, mtp_loss, ...)
+  metrics.jsonl     one JSON object per logged step: loss, lm_loss, mtp_loss, balance_loss,
+                    grad_norm, tokens_per_s, mfu, expert load (worst max/mean, mean CV, per layer)
+  tensorboard/      the same as TensorBoard event files
   checkpoints/      orbax: the train state and the data position every --save_every steps
 
 Starting with a workdir that holds checkpoints resumes from the newest readable one, and the
@@ -35,7 +37,8 @@ from r1jax.config import ModelConfig
 from r1jax.data.synthetic import addition_batch
 from r1jax.model import Transformer
 from r1jax.train.checkpoints import TrainCheckpoints
-from r1jax.train.loop import TrainConfig, check_fits, make_optimizer
+from r1jax.train.loop import TrainConfig, check_fits, make_optimizer, make_schedule
+from r1jax.train.metrics import MetricsWriter, device_peak_flops, model_flops_per_token
 from r1jax.train.step import LossConfig, make_init, make_train_step
 
 METRICS_FILE = "metrics.jsonl"
@@ -152,6 +155,24 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _Throughput:
+  """tokens/s and MFU over the steps since the previous log (the first interval, which holds the
+  compile, is not reported)."""
+
+  def __init__(self, step: int, tokens_per_step: int, flops_per_token: float, peak: float):
+    self.step, self.time = step, None
+    self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    out = {}
+    if self.time is not None and step > self.step:
+      tokens_per_s = (step - self.step) * self.tokens_per_step / (now - self.time)
+      out = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak}
+    self.step, self.time = step, now
+    return out
+
+
 def _progress(step: int, total: int, start_step: int, started: float, loss: float) -> str:
   done = step + 1 - start_step
   elapsed = time.perf_counter() - started
@@ -215,6 +236,12 @@ def run(
     model, optimizer, LossConfig(train_cfg.mtp_weight, train_cfg.bias_update_speed), mesh, rules
   )
   mask = global_array(np.ones(shape, np.int32))
+  writer = MetricsWriter(run_cfg.workdir)
+  schedule = make_schedule(train_cfg)
+  flops = model_flops_per_token(model_cfg, train_cfg.seq_len, train_cfg.mtp_weight > 0)
+  throughput = _Throughput(
+    start, train_cfg.batch_size * train_cfg.seq_len, flops, device_peak_flops() * jax.device_count()
+  )
   history: list[dict[str, float]] = []
   started = time.perf_counter()
   status = "done"
@@ -233,11 +260,10 @@ def run(
       state, step = new_state, step + 1
       last = step == train_cfg.num_steps
       if (step - 1) % train_cfg.log_every == 0 or last:
-        row = {"step": step - 1, **{k: float(v) for k, v in metrics.items()}}
-        history.append(row)
-        if jax.process_index() == 0:
-          with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = {"step": step - 1, **jax.tree.map(np.asarray, metrics)}
+        row.update(throughput.update(step), learning_rate=float(schedule(step - 1)))
+        writer.write(row)
+        history.append({k: (v.tolist() if np.ndim(v) else float(v)) for k, v in row.items()})
         log(_progress(step - 1, train_cfg.num_steps, start, started, loss))
       checkpoints.save(step, state, {"next_step": step}, force=last or preemption.requested)
       if preemption.requested and not last:
@@ -245,4 +271,5 @@ def run(
         log(f"SIGTERM: saved step {step}; exiting")
         break
   checkpoints.close()
+  writer.close()
   return {"status": status, "step": step, "history": history}
