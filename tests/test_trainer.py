@@ -74,6 +74,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_run_writes_the_record_and_replays_bit_identically(reference, tmp_path):
   for name in ("flags.txt", "config.json", "run_info.json", "metrics.jsonl", "checkpoints"):
     assert os.path.exists(os.path.join(reference, name)), name
