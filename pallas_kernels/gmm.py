@@ -207,9 +207,17 @@ def _tgmm_loop(lhs, dout, group_sizes, tiling: GmmTiling, out_dtype):
 # -------------------------------------------------------------------- custom VJP wiring
 
 
+def _flat(rhs: jax.Array) -> jax.Array:
+  """[G, K, *N] -> [G, K, prod(N)]."""
+  return rhs.reshape(rhs.shape[0], rhs.shape[1], -1)
+
+
+# rhs may be [G, K, *N]: it is flattened inside, so that the residual the backward keeps is rhs
+# itself. Under a scan over layers a reshaped weight would be a new value, stacked into a
+# per-layer copy of the weights; the weight as given is the scan's own slice of the params.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm_xla(lhs, rhs, group_sizes, tiling):
-  return _gmm_loop(lhs, rhs, group_sizes, tiling, False, jnp.result_type(lhs, rhs))
+  return _gmm_loop(lhs, _flat(rhs), group_sizes, tiling, False, jnp.result_type(lhs, rhs))
 
 
 def _gmm_xla_fwd(lhs, rhs, group_sizes, tiling):
@@ -218,8 +226,8 @@ def _gmm_xla_fwd(lhs, rhs, group_sizes, tiling):
 
 def _gmm_xla_bwd(tiling, res, dout):
   lhs, rhs, group_sizes = res
-  dlhs = _gmm_loop(dout, rhs, group_sizes, tiling, True, lhs.dtype)
-  drhs = _tgmm_loop(lhs, dout, group_sizes, tiling, rhs.dtype)
+  dlhs = _gmm_loop(dout, _flat(rhs), group_sizes, tiling, True, lhs.dtype)
+  drhs = _tgmm_loop(lhs, dout, group_sizes, tiling, rhs.dtype).reshape(rhs.shape)
   return dlhs, drhs, None
 
 
@@ -230,8 +238,8 @@ _gmm_xla.defvjp(_gmm_xla_fwd, _gmm_xla_bwd)
 
 
 def _check_gmm_args(lhs, rhs, group_sizes):
-  if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
-    raise ValueError(f"gmm: need lhs [M, K], rhs [G, K, N]; got {lhs.shape}, {rhs.shape}")
+  if lhs.ndim != 2 or rhs.ndim < 3 or lhs.shape[1] != rhs.shape[1]:
+    raise ValueError(f"gmm: need lhs [M, K], rhs [G, K, N...]; got {lhs.shape}, {rhs.shape}")
   if group_sizes.shape != (rhs.shape[0],) or group_sizes.dtype != jnp.int32:
     raise ValueError(
       f"gmm: group_sizes must be int32 [G]=[{rhs.shape[0]}], got "
@@ -251,23 +259,24 @@ def gmm(
 
   Args:
     lhs: [M, K] rows sorted by group.
-    rhs: [G, K, N] one weight matrix per group.
+    rhs: [G, K, N] one weight matrix per group, or [G, K, *N] with the output dims N flattened
+      (row-major): e.g. a [G, K, 2, F] gate/up weight gives [M, 2F], gate columns first.
     group_sizes: [G] int32 rows per group, sum <= M.
     impl: "auto" | "xla" | "reference" | "pallas".
     tile: xla: row tiles of the loops (an int sets both); pallas: a gmm_pallas.BlockSizes.
       None takes the tuned tiles (TUNED_TILING, gmm_pallas.TUNED_BLOCK_SIZES).
 
   Returns:
-    [M, N] in the promoted dtype of lhs and rhs (float32 accumulation); rows past
-    sum(group_sizes) are zero. Differentiable in lhs and rhs.
+    [M, N] (N = prod of rhs.shape[2:]) in the promoted dtype of lhs and rhs (float32
+    accumulation); rows past sum(group_sizes) are zero. Differentiable in lhs and rhs.
   """
   impl = resolve_impl(impl, "gmm")
   lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
   _check_gmm_args(lhs, rhs, group_sizes)
   if impl == "reference":
-    return gmm_reference(lhs, rhs, group_sizes)
+    return gmm_reference(lhs, _flat(rhs), group_sizes)
   if impl == "pallas":
-    return gmm_pallas.gmm(lhs, rhs, group_sizes, block_sizes=_pallas_block_sizes(tile))
+    return gmm_pallas.gmm(lhs, _flat(rhs), group_sizes, block_sizes=_pallas_block_sizes(tile))
   return _gmm_xla(lhs, rhs, group_sizes, _resolve_tiling(tile))
 
 

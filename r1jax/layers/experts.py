@@ -5,6 +5,7 @@ C expert capacity.
 
   x_sorted, group_sizes, perm = permute(x, experts, E)    [R, D]   rows sorted by expert
   h   = gmm(x_sorted, wi, group_sizes)                     [R, 2F]  wi [E, D, 2F] = [gate | up]
+                                                                   (or [E, D, 2, F], unflattened)
   a   = silu(h[:, :F]) * h[:, F:]                          [R, F]
   y   = gmm(a, wo, group_sizes)                            [R, D]   wo [E, F, D]
   out = unpermute(y, perm, weights)                        [T, D]   out[t] = sum_k w[t,k] y[t,k]
@@ -60,14 +61,14 @@ def capacity_mask(experts: jax.Array, num_experts: int, capacity: int) -> jax.Ar
 
 def _check_shapes(x, weights, experts, wi, wo):
   t, d = x.shape
-  e, _, two_f = wi.shape
+  e, f = wo.shape[0], wo.shape[1]
   if weights.shape != experts.shape or experts.shape[0] != t:
     raise ValueError(
       f"routed_experts: weights {weights.shape} and experts {experts.shape} must be [T={t}, K]"
     )
-  if wi.shape[1] != d or two_f % 2 or wo.shape != (e, two_f // 2, d):
+  if wi.shape not in ((e, d, 2 * f), (e, d, 2, f)) or wo.shape != (e, f, d):
     raise ValueError(
-      f"routed_experts: need wi [E, D, 2F] and wo [E, F, D] with D={d}; "
+      f"routed_experts: need wi [E, D, 2F] (or [E, D, 2, F]) and wo [E, F, D] with D={d}; "
       f"got wi {wi.shape}, wo {wo.shape}"
     )
 
@@ -89,7 +90,8 @@ def routed_experts(
     x: [T, D] tokens.
     weights: [T, K] routing weights.
     experts: [T, K] int32 expert ids.
-    wi: [E, D, 2F] gate then up projections.
+    wi: [E, D, 2F] gate then up projections, or [E, D, 2, F] (the MoE param as stored: passed
+      unflattened, the backward keeps the param itself rather than a reshaped copy).
     wo: [E, F, D] down projections.
     impl: dispatch-op implementation, "auto" | "xla" | "reference" | "pallas".
     capacity_factor: None for dropless; else each expert keeps its first
@@ -129,6 +131,7 @@ def routed_experts_dense_reference(
   x, weights, experts, wi, wo = map(jnp.asarray, (x, weights, experts, wi, wo))
   _check_shapes(x, weights, experts, wi, wo)
   e, f = wo.shape[0], wo.shape[1]
+  wi = wi.reshape(e, -1, 2 * f)
   dense_w = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32) * weights[..., None], axis=1)
   h = jnp.einsum("td,edf->tef", x, wi.astype(x.dtype), preferred_element_type=jnp.float32)
   a = jax.nn.silu(h[..., :f]) * h[..., f:]

@@ -113,15 +113,31 @@ class MLA(nn.Module):
     return self._naive(w, q_nope, q_pe, latent, k_pe, mask)
 
   def _naive(self, w, q_nope, q_pe, latent, k_pe, mask):
-    """Expanded per-head keys and values: the training and prefill form."""
+    """Expanded per-head keys and values: the training and prefill form.
+
+    As in DeepSeek's naive path, q = [q_nope ; q_pe] and k = [k_nope ; k_pe] (k_pe shared by the
+    heads) give the scores in one einsum. For speed on CPU (measured on the `small` preset:
+    the attention core's forward+backward ~1.7x faster than separate nope/rope einsums and a
+    [b, s, h, t] softmax) the scores are laid out [b, h, s, t] (the dot's batch dims first, so
+    no transposes), the scale goes on q (as flax's dot_product_attention does), the mask is an
+    additive bias, and the softmax is normalised after the value einsum:
+    out = (exp(scores - max_t) @ v) / sum_t exp(scores - max_t).
+    """
     nope = self.cfg.qk_nope_head_dim
     kv = jnp.einsum("btc,chd->bthd", latent, w["wkv_b"])
     k_nope, v = kv[..., :nope], kv[..., nope:]
-    scores = jnp.einsum("bshd,bthd->bsht", q_nope, k_nope)
-    scores += jnp.einsum("bshr,btr->bsht", q_pe, k_pe)
-    probs = masked_softmax(scores * softmax_scale(self.cfg), mask).astype(v.dtype)
-    out = jnp.einsum("bsht,bthd->bshd", probs, v)
-    return jnp.einsum("bshd,hdm->bsm", out, w["wo"])
+    k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
+    q = jnp.concatenate([q_nope, q_pe], axis=-1) * softmax_scale(self.cfg)
+    k = jnp.concatenate([k_nope, k_pe], axis=-1)
+    scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32)
+    scores += jnp.where(mask, 0.0, _NEG_INF)[:, None]
+    # The max only shifts the exponent (softmax is shift-invariant): no gradient through it.
+    unnormalised = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    out = jnp.einsum(
+      "bhst,bthd->bhsd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    out = (out / unnormalised.sum(axis=-1, keepdims=True)).astype(v.dtype)
+    return jnp.einsum("bhsd,hdm->bsm", out, w["wo"])
 
   def _absorbed(self, w, q_nope, q_pe, latent, k_pe, mask):
     """W^UK folded into the query, W^UV into the output: attention over the latent itself."""

@@ -95,7 +95,9 @@ class MoE(nn.Module):
       tokens,
       logits,
       bias,
-      wi.astype(dtype).reshape(e, m, 2 * f),  # gate columns, then up: one grouped matmul.
+      # [e, m, 2, f] -> h [T*K, 2f], gate columns then up: one grouped matmul. Not reshaped
+      # here: under the layer scan the backward then keeps the param slice, not a copy.
+      wi.astype(dtype),
       wo.astype(dtype),
       route=lambda logits, bias: route_tokens(logits, bias, cfg),
       impl=cfg.moe_impl,
