@@ -23,6 +23,9 @@ ROPE_TYPES = ("default", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "xla", "reference", "pallas")
 EXPERT_EXCHANGES = ("auto", "all_gather", "ragged_all_to_all")
+# What a decoder layer's backward keeps: "none" everything, "full" only the layer's input (the
+# forward runs again), "dots" the matmul outputs without batch dims (elementwise work reruns).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   initializer_range: float = 0.006
   scan_layers: bool = True
+  remat: str = "none"  # one of REMAT_POLICIES
 
   def __post_init__(self):
     _validate(self)
@@ -202,6 +206,7 @@ _NOT_FROM_HF = frozenset(
     "expert_exchange",
     "capacity_factor",
     "scan_layers",
+    "remat",
     "score_func",
   }
 )
@@ -214,6 +219,7 @@ _NOT_TO_HF = frozenset(
     "expert_exchange",
     "capacity_factor",
     "scan_layers",
+    "remat",
     "rope_type",
     "rope_factor",
     "original_max_position_embeddings",
@@ -324,6 +330,7 @@ def _validate(c: ModelConfig) -> None:
     f"{c.expert_exchange!r}; use one of {EXPERT_EXCHANGES}",
   )
   _check(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r}; use one of {MOE_IMPLS}")
+  _check(c.remat in REMAT_POLICIES, "remat", f"{c.remat!r}; use one of {REMAT_POLICIES}")
   _check(c.rope_type in ROPE_TYPES, "rope_type", f"{c.rope_type!r}; use one of {ROPE_TYPES}")
   if c.rope_type == "yarn":
     _check(c.rope_factor >= 1.0, "rope_factor", f"YaRN factor must be >= 1, got {c.rope_factor}")

@@ -55,8 +55,7 @@ class Transformer(nn.Module):
 
   def head(self, h):
     """Final-normed h [b, s, m] -> float32 logits [b, s, v]."""
-    w = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-    return jnp.einsum("bsm,mv->bsv", h.astype(jnp.float32), w.astype(jnp.float32))
+    return jnp.einsum("bsm,mv->bsv", h.astype(jnp.float32), self.head_kernel().astype(jnp.float32))
 
   def hidden(self, tokens, positions=None, segment_ids=None):
     """tokens [b, s] -> final-normed hidden states [b, s, m] (the trunk without the head)."""
@@ -87,6 +86,24 @@ class Transformer(nn.Module):
       if mtp:
         return logits, mtp_out
     return logits
+
+  def features(self, tokens, positions=None, segment_ids=None):
+    """What the training loss needs without the [b, s, v] logits: (h [b, s, m], the MTP depths'
+    final-normed hidden states [n, b, s, m], the head [m, v]); logits = h @ head in float32.
+    `r1jax.train.losses.lm_losses` turns them into the losses, chunk by chunk if asked."""
+    if positions is None:
+      positions = self._default_positions(tokens)
+    h = self.hidden(tokens, positions, segment_ids)
+    chained, mtp_h = h, []
+    for k, layer in enumerate(self.mtp_layers, start=1):
+      chained, normed = layer(chained, self.embed(shift_left(tokens, k)), positions, segment_ids)
+      mtp_h.append(normed)
+    mtp_h = jnp.stack(mtp_h) if mtp_h else jnp.zeros((0, *h.shape), h.dtype)
+    return h, mtp_h, self.head_kernel()
+
+  def head_kernel(self):
+    """The output head [m, v] as stored (the embedding transposed when tied)."""
+    return self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
 
   def mtp_logits(self, h, tokens, positions, segment_ids=None):
     """Chains the MTP depths from the main hidden states h [b, s, m] -> [n, b, s, v]."""

@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from r1jax import checkpoint, hf, safetensors_io
-from r1jax.data.synthetic import addition_batch
+from r1jax.data.pipeline import DataConfig, make_pipeline
 from r1jax.hf_convert import convert
 from r1jax.model import Transformer
 from r1jax.train.step import LossConfig, loss_fn
@@ -120,10 +120,20 @@ def test_converted_weights_are_loaded_by_pretrain_init_from(hf_dir, tmp_path):
   first = re.search(r"step\s+0/2\s+loss (\d+\.\d+)", proc.stdout)
   assert first, proc.stdout
   cfg, variables = hf.load(hf_dir)
-  tokens = jnp.asarray(addition_batch(0, 0, 2, 16))
+  # The experiment's first batch: the synthetic source of the data pipeline, packed.
+  batch = next(make_pipeline(DataConfig(seq_len=16, batch_size=2), vocab_size=cfg.vocab_size))
   want, _ = jax.jit(
-    lambda v, t: loss_fn(v["params"], v["router_bias"], Transformer(cfg), t, None, LossConfig())
-  )(variables, tokens)
+    lambda v, b: loss_fn(
+      v["params"],
+      v["router_bias"],
+      Transformer(cfg),
+      b["tokens"],
+      b["targets"],
+      LossConfig(),
+      b["positions"],
+      b["segment_ids"],
+    )
+  )(variables, {k: jnp.asarray(v) for k, v in batch.items()})
   assert float(first.group(1)) == pytest.approx(float(want), abs=1e-4)
 
 

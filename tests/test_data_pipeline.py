@@ -16,7 +16,7 @@ from r1jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from r1jax.model import Transformer
 
 ETX = ByteTokenizer.eos_id
-KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
+KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def take(it, n):
@@ -350,8 +350,14 @@ def bad_input_cases(root):
     (
       "bytes-vocab",
       DataConfig(),
-      {"vocab_size": 128},
-      "--tokenizer: the byte tokenizer needs vocab_size >= 256, the model has 128",
+      {"vocab_size": 100},
+      "--tokenizer: the synthetic task's ASCII bytes need vocab_size >= 128, the model has 100",
+    ),
+    (
+      "token-id",
+      text("a.txt"),
+      {"vocab_size": 100},
+      f"--tokenizer: {str(root / 'a.txt')!r} encodes to token id",
     ),
     (
       "tokenizer",
@@ -410,3 +416,42 @@ def test_state_from_another_config_is_refused(corpus):
     other.set_state(state)
   with pytest.raises(ValueError, match="^data state: not a"):
     other.set_state({"step": 3})
+
+
+def test_sft_rows_flag_only_the_response_as_targets(tmp_path):
+  path = tmp_path / "sft.jsonl"
+  examples = [("ab", "cde"), ("fghi", "j"), ("k", "lm")]
+  path.write_text("\n".join(json.dumps({"q": p, "a": r}) for p, r in examples) + "\n")
+  cfg = DataConfig(
+    source="sft",
+    data_files=(str(path),),
+    prompt_field="q",
+    response_field="a",
+    seq_len=7,
+    batch_size=1,
+    shuffle=False,
+    num_epochs=1,
+  )
+  batches = list(make_pipeline(cfg, vocab_size=256))
+  # The stream by hand: each example is prompt + response + ETX, targets on response and ETX.
+  stream, flags = [], []
+  for prompt, response in examples:
+    stream += [ord(c) for c in prompt + response] + [ETX]
+    flags += [0] * len(prompt) + [1] * (len(response) + 1)
+  tokens = np.concatenate([b["tokens"][0] for b in batches])
+  targets = np.concatenate([b["targets"][0] for b in batches])
+  n = len(stream)
+  np.testing.assert_array_equal(tokens[:n], stream)
+  np.testing.assert_array_equal(targets[:n], flags)
+  assert not targets[n:].any()
+  for b in batches:  # loss_mask: same document and the next token is a target
+    want = target_mask(b["segment_ids"]) * np.pad(b["targets"][:, 1:], [(0, 0), (0, 1)])
+    np.testing.assert_array_equal(b["loss_mask"], want)
+
+
+def test_sft_missing_field_names_the_flag_and_line(tmp_path):
+  path = tmp_path / "sft.jsonl"
+  path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+  cfg = DataConfig(source="sft", data_files=(str(path),), seq_len=8, batch_size=1)
+  with pytest.raises(ValueError, match=r"^--response_field: .*sft.jsonl:2 has no string field"):
+    make_pipeline(cfg, vocab_size=256)

@@ -38,7 +38,7 @@ def _exported_step(platform, **overrides):
   checks = TPU_OK if platform == "tpu" else CUDA_OK
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules.as_flax()):
     exported = export.export(step.wrapped, platforms=(platform,), disabled_checks=checks)(
-      state, tokens, tokens
+      state, tokens, tokens, None, None
     )
   return exported.mlir_module()
 

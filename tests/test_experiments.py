@@ -38,11 +38,23 @@ def test_pretrain_library_call_lowers_the_loss():
     ("--mesh=pipe=2", "error: --mesh: 'pipe=2' is not AXIS=SIZE"),
     ("--mesh=expert=3", "error: --mesh: expert=3 does not divide n_routed_experts=8"),
     ("--rules=tp", "error: --rules: unknown 'tp'"),
+    ("--data_source=text", "error: data_files: source 'text' needs at least one file"),
+    ("--data_source=text --data_files=/nope.txt", "error: --data_files: no such file '/nope.txt'"),
+    # README.md has bytes >= 100: a 100-id model rejects them, naming the file
+    (
+      "--data_source=text --data_files=README.md --model_overrides=vocab_size=100",
+      "error: --tokenizer: 'README.md' encodes to token id",
+    ),
+    ("--lr_schedule=linear", "error: flag --lr_schedule=linear: value should be one of"),
+    ("--model_overrides=layers=2", "error: --model_overrides: 'layers=2' is not FIELD=VALUE"),
+    ("--model_overrides=num_hidden_layers=x", "error: --model_overrides: num_hidden_layers='x'"),
+    ("--remat=some", "error: remat: 'some'"),
+    ("--batch_size=6 --mesh=data=4,expert=2", "error: --batch_size: 6 does not split over"),
   ],
 )
 def test_pretrain_bad_flags_exit_2_with_one_line(flag, message):
   proc = subprocess.run(
-    [sys.executable, "-m", "experiments.pretrain", flag],
+    [sys.executable, "-m", "experiments.pretrain", *flag.split()],
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -66,3 +78,36 @@ def test_readme_test_command_is_what_ci_runs():
   runner = test_line.split("&& ")[-1].replace(".venv/bin/python", "").strip()
   assert runner in ci, (runner, ci)
   assert ".venv/bin/pip install -e '.[test,hf]'" in test_line
+
+
+def test_bad_flags_leave_an_existing_run_untouched(tmp_path):
+  """A run's workdir, then a rerun with a missing data file: exit 2, nothing rewritten."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "flags.txt").write_text("--preset=tiny\n")
+  (workdir / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+  before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.iterdir()}
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}"]
+    + ["--data_source=jsonl", "--data_files=/nope.jsonl"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert proc.returncode == 2 and proc.stderr.startswith("error: --data_files: no such file")
+  assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.iterdir()} == before
+
+
+def test_sft_refuses_a_plain_text_source():
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.sft", "--data_source=text", "--data_files=README.md"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("error: --data_source: sft trains on prompt/response pairs")

@@ -107,7 +107,7 @@ def test_run_writes_the_record_and_replays_bit_identically(reference, tmp_path):
 def test_sigkill_then_restart_gives_the_uninterrupted_run(reference, tmp_path):
   workdir = str(tmp_path / "killed")
   proc = _start(workdir)
-  _wait_for(proc, "[6/8]")  # past the checkpoints of steps 2 and 4 (6 may be in flight)
+  _wait_for(proc, "step     5/8 ")  # past the checkpoints of steps 2 and 4 (6 may be in flight)
   proc.kill()
   proc.wait()
   resumed = _pretrain(workdir)
@@ -136,7 +136,7 @@ def _final_params(workdir):
 def test_sigterm_saves_and_exits_0(tmp_path):
   workdir = str(tmp_path / "preempted")
   proc = _start(workdir, "--num_steps=1000", "--save_every=500")
-  _wait_for(proc, "[2/1000]")
+  _wait_for(proc, "step     1/1000 ")
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out

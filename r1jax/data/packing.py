@@ -1,7 +1,12 @@
 """Sequence packing: token documents -> fixed-length rows with segment ids and positions.
 
+A document is an int token array [n], or [2, n] for SFT: its tokens and, per token, 1 where the
+token is a target the loss counts (the response) and 0 where it is not (the prompt).
+
 Rows are dicts of int32 [s] arrays (s = seq_len):
 - `tokens`: the token ids; padding holds `pad_id`.
+- `targets`: 1 where the token is a target the loss counts: every real token of a 1-D document,
+  the flagged tokens of an SFT document; 0 for padding.
 - `segment_ids`: 1, 2, ... for the documents (or document pieces) in the row, in order; 0 marks
   padding. `r1jax.layers.mla.attention_mask` lets a query see a key only where the two segment ids
   are equal, so no token attends across documents (padding attends only to padding).
@@ -27,15 +32,25 @@ from typing import Any
 import grain
 import numpy as np
 
-ROW_KEYS = ("tokens", "segment_ids", "positions")
+ROW_KEYS = ("tokens", "targets", "segment_ids", "positions")
+
+
+def _channels(doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [n], targets [n]) of a [n] or [2, n] document."""
+  doc = np.asarray(doc, np.int32)
+  if doc.ndim == 2:
+    return doc[0], doc[1]
+  return doc, np.ones_like(doc)
 
 
 def unpacked_row(doc: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   """One document as a row: its first `seq_len` tokens (the rest is dropped), then padding."""
-  n = min(len(doc), seq_len)
+  tokens, targets = _channels(doc)
+  n = min(len(tokens), seq_len)
   row = {key: np.zeros(seq_len, np.int32) for key in ROW_KEYS}
   row["tokens"][:] = pad_id
-  row["tokens"][:n] = doc[:n]
+  row["tokens"][:n] = tokens[:n]
+  row["targets"][:n] = targets[:n]
   row["segment_ids"][:n] = 1
   row["positions"][:n] = np.arange(n, dtype=np.int32)
   return row
@@ -68,7 +83,9 @@ class _PackIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._seq_len = seq_len
     self._pad_id = pad_id
-    self._doc: np.ndarray | None = None  # The document in hand, partly consumed.
+    self._doc: tuple[np.ndarray, np.ndarray] | None = (
+      None  # In hand (tokens, targets), partly used.
+    )
     self._offset = 0  # Its next token to pack.
     # The parent's state before `_doc`; grain's iterators return a fresh dict from get_state.
     self._doc_state = parent.get_state()
@@ -80,7 +97,7 @@ class _PackIterator(grain.DatasetIterator):
       doc = next(self._parent)
     except StopIteration:
       return False
-    self._doc, self._offset, self._doc_state = np.asarray(doc, np.int32), 0, state
+    self._doc, self._offset, self._doc_state = _channels(doc), 0, state
     return True
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -89,13 +106,15 @@ class _PackIterator(grain.DatasetIterator):
     row["tokens"][:] = self._pad_id
     filled = segment = 0
     while filled < s:
-      if self._doc is None or self._offset >= len(self._doc):
+      if self._doc is None or self._offset >= len(self._doc[0]):
         if not self._take_document():
           break
         continue  # An empty document takes no segment.
-      take = min(len(self._doc) - self._offset, s - filled)
+      take = min(len(self._doc[0]) - self._offset, s - filled)
       segment += 1
-      row["tokens"][filled : filled + take] = self._doc[self._offset : self._offset + take]
+      piece = slice(self._offset, self._offset + take)
+      row["tokens"][filled : filled + take] = self._doc[0][piece]
+      row["targets"][filled : filled + take] = self._doc[1][piece]
       row["segment_ids"][filled : filled + take] = segment
       row["positions"][filled : filled + take] = np.arange(take, dtype=np.int32)
       filled += take

@@ -20,9 +20,10 @@ A finite pipeline (`num_epochs` set) ends, in every process alike, after the num
 its shortest row stream fills (`DataIterator.num_batches`); the tails of the longer streams are
 dropped.
 
-Each batch is a dict of int32 numpy arrays [b, s]: `tokens`, `segment_ids` (1, 2, ... per document
-in the row, 0 = padding), `positions` (restarting at 0 per document) and `loss_mask` (1 where the
-next token is a real token of the same document; see `target_mask`).
+Each batch is a dict of int32 numpy arrays [b, s]: `tokens`, `targets` (1 where the token is one
+the loss counts: every real token, or an SFT document's response tokens), `segment_ids` (1, 2, ...
+per document in the row, 0 = padding), `positions` (restarting at 0 per document) and `loss_mask`
+(1 where the next token is a counted target of the same document; see `target_mask`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from r1jax.data import sources
 from r1jax.data.packing import ROW_KEYS, PackIterDataset, unpacked_row
 from r1jax.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
-SOURCES = ("synthetic", "text", "jsonl")
+SOURCES = ("synthetic", "text", "jsonl", "sft")
 STATE_FORMAT = "r1jax.data.pipeline/1"
 _ENDLESS = 2**62  # Synthetic documents: more than any run reads.
 # In-memory documents: grain's advice is no reader threads (they would only contend for the GIL).
@@ -50,9 +51,10 @@ class DataConfig:
   """Where the tokens come from and how they are cut into batches. Validated on construction.
 
   Source: `source` is "synthetic" (the addition task, endless, `synthetic_digits` digits per
-  operand), "text" or "jsonl"; `data_files` lists paths or globs for the file sources;
+  operand), "text", "jsonl" or "sft"; `data_files` lists paths or globs for the file sources;
   `jsonl_field` is the string field of each JSONL object; `text_unit` cuts text files into
-  documents ("file", "paragraph": blocks between blank lines, "line").
+  documents ("file", "paragraph": blocks between blank lines, "line"); "sft" reads JSONL
+  objects with `prompt_field` and `response_field` strings and trains on the response only.
 
   Tokens: `tokenizer` is None or "bytes" (UTF-8 bytes, vocab 256) or the path of a tokenizer.json
   (or of a directory holding one).
@@ -68,6 +70,8 @@ class DataConfig:
   data_files: tuple[str, ...] = ()
   jsonl_field: str = "text"
   text_unit: str = "file"
+  prompt_field: str = "prompt"
+  response_field: str = "response"
   tokenizer: str | None = None
   synthetic_digits: int = 3
   seq_len: int = 64
@@ -89,8 +93,10 @@ class DataConfig:
       raise ValueError("data_files: the synthetic source reads no files; use source text or jsonl")
     if not file_source and self.num_epochs is not None:
       raise ValueError("num_epochs: the synthetic source is endless; leave num_epochs unset")
-    if not (isinstance(self.jsonl_field, str) and self.jsonl_field):
-      raise ValueError(f"jsonl_field: must be a non-empty string, got {self.jsonl_field!r}")
+    for name in ("jsonl_field", "prompt_field", "response_field"):
+      value = getattr(self, name)
+      if not (isinstance(value, str) and value):
+        raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
     if self.text_unit not in sources.TEXT_UNITS:
       raise ValueError(f"text_unit: must be one of {sources.TEXT_UNITS}, got {self.text_unit!r}")
     if self.tokenizer is not None and not (isinstance(self.tokenizer, str) and self.tokenizer):
@@ -117,7 +123,7 @@ def check_data(cfg: DataConfig, vocab_size: int) -> None:
   Raises:
     ValueError: one line naming the flag: a missing data file or a glob matching none
       (`--data_files`), a tokenizer that cannot be loaded or whose vocabulary exceeds the
-      model's `vocab_size` (`--tokenizer`, both sizes), the byte tokenizer with vocab_size < 256.
+      model's `vocab_size` (`--tokenizer`, both sizes), the synthetic source with vocab_size < 128.
   """
   _checked_inputs(cfg, vocab_size)
 
@@ -126,10 +132,12 @@ def _checked_inputs(cfg: DataConfig, vocab_size: int) -> tuple[Tokenizer, list[s
   """The loaded tokenizer and the expanded data files, after the checks of `check_data`."""
   if cfg.tokenizer in (None, "bytes"):
     tokenizer: Tokenizer = ByteTokenizer()
-    if vocab_size < tokenizer.vocab_size:
+    # The synthetic problems are ASCII; file bytes are checked id by id as they are tokenised
+    # (a model with a small vocabulary can still train on ASCII files).
+    if cfg.source == "synthetic" and vocab_size < 128:
       raise ValueError(
-        f"--tokenizer: the byte tokenizer needs vocab_size >= 256, the model has {vocab_size}; "
-        "use a larger vocabulary or a tokenizer.json that fits"
+        f"--tokenizer: the synthetic task's ASCII bytes need vocab_size >= 128, the model has "
+        f"{vocab_size}; use a larger vocabulary"
       )
   else:
     try:
@@ -186,7 +194,10 @@ class DataIterator(grain.DatasetIterator):
       raise StopIteration
     rows = [next(it) for it in self._parents]
     batch = {key: np.stack([row[key] for row in rows]) for key in ROW_KEYS}
-    batch["loss_mask"] = target_mask(batch["segment_ids"])
+    # Next-token targets that count: same document, and the next token is a target.
+    next_is_target = np.zeros_like(batch["targets"])
+    next_is_target[:, :-1] = batch["targets"][:, 1:]
+    batch["loss_mask"] = target_mask(batch["segment_ids"]) * next_is_target
     self._step += 1
     return batch
 
@@ -266,6 +277,8 @@ def make_pipeline(
       vocab_size,
       jsonl_field=cfg.jsonl_field,
       text_unit=cfg.text_unit,
+      prompt_field=cfg.prompt_field,
+      response_field=cfg.response_field,
     )
     order = grain.MapDataset.range(len(docs))
     order = order.shuffle(seed=cfg.seed) if cfg.shuffle else order

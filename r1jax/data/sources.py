@@ -7,6 +7,9 @@ ends. Documents that encode to no tokens are dropped.
 - text files: by `text_unit`, a whole file is one document ("file"), or each block between blank
   lines ("paragraph"), or each non-blank line ("line"); blank documents are skipped.
 - JSONL files: one JSON object per non-blank line; its `jsonl_field` string is the document.
+- SFT JSONL files: one object per line with a prompt and a response string (`prompt_field`,
+  `response_field`); the document is prompt + response + eos as a [2, n] array whose second row
+  flags the response tokens and the eos, the only targets of the SFT loss.
 - synthetic: the addition problems of `r1jax.data.synthetic`, one per document, endless.
 
 File sources are read and tokenised whole, in every process, when the pipeline is built: every
@@ -100,6 +103,34 @@ def _jsonl_documents(path: str, field: str) -> list[str]:
   return docs
 
 
+def _sft_records(path: str, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
+  """(prompt, response) of each JSON object line of `path`; one-line errors name file:line."""
+  records = []
+  for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as err:
+      raise ValueError(f"--data_files: {path}:{lineno} is not valid JSON ({err.msg})") from None
+    pair = []
+    for flag, field in (("prompt_field", prompt_field), ("response_field", response_field)):
+      value = record.get(field) if isinstance(record, dict) else None
+      if not isinstance(value, str):
+        raise ValueError(f"--{flag}: {path}:{lineno} has no string field {field!r}")
+      pair.append(value)
+    if pair[1]:
+      records.append((pair[0], pair[1]))
+  return records
+
+
+def encode_sft_example(prompt: str, response: str, tokenizer: Tokenizer) -> np.ndarray:
+  """int32 [2, n]: the tokens of prompt + response (+ eos), and 1 on the response and eos."""
+  head = list(tokenizer.encode(prompt))
+  tail = encode_document(response, tokenizer)
+  return np.asarray([head + tail, [0] * len(head) + [1] * len(tail)], np.int32)
+
+
 def read_documents(
   files: Sequence[str], source: str, *, jsonl_field: str = "text", text_unit: str = "file"
 ) -> tuple[list[str], list[int]]:
@@ -128,12 +159,17 @@ class TokenizedDocuments:
 
   tokens: np.ndarray  # int32 [total tokens]
   offsets: np.ndarray  # int64 [documents + 1]
+  targets: np.ndarray | None = None  # SFT: int32 [total tokens], 1 on the response tokens
 
   def __len__(self) -> int:
     return len(self.offsets) - 1
 
   def __getitem__(self, i: int) -> np.ndarray:
-    return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+    """Document i: tokens [n], or [2, n] (tokens, targets) for SFT documents."""
+    piece = slice(self.offsets[i], self.offsets[i + 1])
+    if self.targets is None:
+      return self.tokens[piece]
+    return np.stack([self.tokens[piece], self.targets[piece]])
 
   @property
   def lengths(self) -> np.ndarray:
@@ -149,29 +185,41 @@ def tokenize_files(
   *,
   jsonl_field: str = "text",
   text_unit: str = "file",
+  prompt_field: str = "prompt",
+  response_field: str = "response",
 ) -> TokenizedDocuments:
-  """Reads and tokenises every document of `files` (see `read_documents`).
+  """Reads and tokenises every document of `files` (see `read_documents`; "sft": see the module
+  docstring).
 
   Raises:
     ValueError: one line: a file that cannot be read as the source, no document in any file, or
       a token id >= `vocab_size` (naming `--tokenizer` and the file).
   """
-  texts, origins = read_documents(files, source, jsonl_field=jsonl_field, text_unit=text_unit)
-  chunks, lengths = [], []
-  for text, origin in zip(texts, origins, strict=True):
-    ids = encode_document(text, tokenizer)
-    if ids and max(ids) >= vocab_size:
+  if source == "sft":
+    encoded, origins = [], []
+    for i, path in enumerate(files):
+      pairs = _sft_records(path, prompt_field, response_field)
+      encoded += [encode_sft_example(p, r, tokenizer) for p, r in pairs]
+      origins += [i] * len(pairs)
+  else:
+    texts, origins = read_documents(files, source, jsonl_field=jsonl_field, text_unit=text_unit)
+    encoded = [np.asarray(encode_document(t, tokenizer), np.int32) for t in texts]
+  chunks, flags = [], []
+  for ids, origin in zip(encoded, origins, strict=True):
+    tokens = ids[0] if ids.ndim == 2 else ids
+    if tokens.size and tokens.max() >= vocab_size:
       raise ValueError(
-        f"--tokenizer: {files[origin]!r} encodes to token id {max(ids)} >= the model's "
+        f"--tokenizer: {files[origin]!r} encodes to token id {tokens.max()} >= the model's "
         f"vocab_size {vocab_size}"
       )
-    if ids:
-      chunks.append(np.asarray(ids, np.int32))
-      lengths.append(len(ids))
+    if tokens.size:
+      chunks.append(tokens)
+      flags.append(ids[1] if ids.ndim == 2 else None)
   if not chunks:
     raise ValueError(f"--data_files: no {source} documents in {list(files)}")
-  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  return TokenizedDocuments(np.concatenate(chunks), offsets)
+  offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+  targets = np.concatenate(flags) if source == "sft" else None
+  return TokenizedDocuments(np.concatenate(chunks), offsets, targets)
 
 
 class SyntheticDocuments:

@@ -7,6 +7,7 @@ Dims: b batch, s sequence, m model dim. The FFN is a dense SwiGLU for the first
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
 from r1jax.config import ModelConfig
 from r1jax.layers.mla import MLA
@@ -39,6 +40,14 @@ class DecoderBlock(nn.Module):
     return nn.with_logical_constraint(h, ACTIVATION_AXES), None
 
 
+def remat_block(cfg: ModelConfig, decode: bool, prevent_cse: bool):
+  """DecoderBlock under cfg.remat (training only: decoding has no backward)."""
+  if cfg.remat == "none" or decode:
+    return DecoderBlock
+  policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(DecoderBlock, policy=policy, prevent_cse=prevent_cse)
+
+
 def block_stack(cfg: ModelConfig, use_moe: bool, length: int, decode: bool):
   """`length` DecoderBlocks with params stacked on a leading "layers" axis.
 
@@ -48,7 +57,7 @@ def block_stack(cfg: ModelConfig, use_moe: bool, length: int, decode: bool):
   if not cfg.scan_layers:
     return _Unrolled(cfg, use_moe, length, decode)
   scanned = nn.scan(
-    DecoderBlock,
+    remat_block(cfg, decode, prevent_cse=False),  # scan already keeps XLA from merging layers
     variable_axes={"params": 0, "cache": 0, "router_bias": 0, "moe_stats": 0},
     split_rngs={"params": True},
     in_axes=(nn.broadcast, nn.broadcast),
@@ -69,7 +78,8 @@ class _Unrolled(nn.Module):
   @nn.compact
   def __call__(self, h, positions, segment_ids=None):
     for i in range(self.length):
-      h, _ = DecoderBlock(self.cfg, self.use_moe, self.decode, name=f"layer_{i}")(
+      block = remat_block(self.cfg, self.decode, prevent_cse=True)
+      h, _ = block(self.cfg, self.use_moe, self.decode, name=f"layer_{i}")(
         h, positions, segment_ids
       )
     return h, None

@@ -91,3 +91,25 @@ class TrainCheckpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class NoCheckpoints:
+  """TrainCheckpoints' interface for a run without a run directory: nothing is saved."""
+
+  directory = "(no --workdir)"
+
+  def steps(self) -> list[int]:
+    return []
+
+  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+    del step, state, data_state, force
+    return False
+
+  def restore_latest(self, target: Any) -> None:
+    del target
+
+  def wait(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass

@@ -13,13 +13,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from r1jax import sharding
 from r1jax.config import ModelConfig
 from r1jax.data.synthetic import addition_batch
 from r1jax.model import Transformer
+from r1jax.train.optim import check_optimizer_fields, make_optimizer, make_schedule
 from r1jax.train.step import LossConfig, make_init, make_train_step
+
+__all__ = ["TrainConfig", "check_fits", "make_optimizer", "make_schedule", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +33,19 @@ class TrainConfig:
   seq_len: int = 64
   learning_rate: float = 3e-3
   warmup_steps: int = 20
+  lr_schedule: str = "cosine"  # cosine | wsd | constant (r1jax.train.optim)
+  decay_fraction: float = 0.1  # wsd: the final fraction of the steps that decays
+  end_lr_fraction: float = 0.1  # the final learning rate, as a fraction of the peak
+  adam_b1: float = 0.9
+  adam_b2: float = 0.95  # DeepSeek-V3's
   weight_decay: float = 0.1
+  weight_decay_mask: str = "no_norms"  # no_norms | no_norms_embeddings | all
   clip_norm: float = 1.0
   seed: int = 0
   log_every: int = 25
   mtp_weight: float = 0.3
   bias_update_speed: float = 1e-3
+  loss_chunk: int = 0  # sequence positions per cross-entropy chunk; 0: the whole logits
 
   def __post_init__(self):
     for name in ("num_steps", "batch_size", "log_every"):
@@ -46,8 +55,13 @@ class TrainConfig:
       raise ValueError(f"seq_len: must be >= 3 (next-token and MTP targets), got {self.seq_len}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate: must be positive, got {self.learning_rate}")
-    if self.warmup_steps < 0 or self.mtp_weight < 0 or self.bias_update_speed < 0:
-      raise ValueError("warmup_steps, mtp_weight, bias_update_speed: must be >= 0")
+    for name in ("warmup_steps", "mtp_weight", "bias_update_speed", "loss_chunk"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+    check_optimizer_fields(self)
+
+  def loss_config(self) -> LossConfig:
+    return LossConfig(self.mtp_weight, self.bias_update_speed, self.loss_chunk)
 
 
 def check_fits(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
@@ -57,30 +71,6 @@ def check_fits(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
       f"seq_len: {train_cfg.seq_len} exceeds max_position_embeddings="
       f"{model_cfg.max_position_embeddings}; shorten it"
     )
-  if model_cfg.vocab_size < 128:
-    raise ValueError(
-      f"vocab_size: the synthetic task uses ASCII bytes, needs >= 128, got {model_cfg.vocab_size}"
-    )
-
-
-def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup, then cosine decay to 10% of the peak at num_steps."""
-  return optax.warmup_cosine_decay_schedule(
-    0.0,
-    cfg.learning_rate,
-    cfg.warmup_steps,
-    max(cfg.num_steps, cfg.warmup_steps + 1),
-    end_value=0.1 * cfg.learning_rate,
-  )
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """AdamW (b2 0.95 as V3) after global-norm clipping, on `make_schedule`."""
-  schedule = make_schedule(cfg)
-  return optax.chain(
-    optax.clip_by_global_norm(cfg.clip_norm),
-    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay),
-  )
 
 
 def train(
@@ -99,6 +89,10 @@ def train(
   which each device takes its shard.
   """
   check_fits(model_cfg, train_cfg)
+  if model_cfg.vocab_size < 128:
+    raise ValueError(
+      f"vocab_size: the synthetic task uses ASCII bytes, needs >= 128, got {model_cfg.vocab_size}"
+    )
   model = Transformer(model_cfg)
   optimizer = make_optimizer(train_cfg)
   rules = rules or sharding.RULES["ep_fsdp"]
@@ -116,9 +110,7 @@ def train(
     state = state.replace(
       params=init_variables["params"], router_bias=init_variables.get("router_bias", {})
     )
-  step_fn = make_train_step(
-    model, optimizer, LossConfig(train_cfg.mtp_weight, train_cfg.bias_update_speed), mesh, rules
-  )
+  step_fn = make_train_step(model, optimizer, train_cfg.loss_config(), mesh, rules)
   mask = global_array(np.ones(shape, np.int32))
   history, start = [], time.perf_counter()
   for step in range(train_cfg.num_steps):

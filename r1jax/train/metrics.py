@@ -76,9 +76,10 @@ class MetricsWriter:
   to TensorBoard as one scalar per element.
   """
 
-  def __init__(self, workdir: str):
-    self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+  def __init__(self, workdir: str | None):
+    """workdir None: nothing is written (a run without a run directory)."""
+    self.active = jax.process_index() == 0 and workdir is not None
+    self.path = os.path.join(workdir, "metrics.jsonl") if workdir else None
     self._tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # imported here: only process 0 needs it

@@ -20,7 +20,7 @@ from flax.linen import meta
 
 from r1jax import sharding
 from r1jax.model import Transformer
-from r1jax.train.losses import mtp_loss, next_token_loss
+from r1jax.train.losses import lm_losses
 
 
 @flax.struct.dataclass
@@ -35,6 +35,7 @@ class TrainState:
 class LossConfig:
   mtp_weight: float = 0.3  # lambda; V3 used 0.3, then 0.1 for the last 4.8T tokens.
   bias_update_speed: float = 1e-3  # gamma; 0 freezes the correction bias.
+  loss_chunk: int = 0  # Sequence positions per cross-entropy chunk; 0: whole logits at once.
 
 
 def init_state(model: Transformer, tokens, optimizer: optax.GradientTransformation, rng):
@@ -49,14 +50,28 @@ def init_state(model: Transformer, tokens, optimizer: optax.GradientTransformati
   )
 
 
-def loss_fn(params, router_bias, model: Transformer, tokens, mask, loss_cfg: LossConfig):
-  """Returns (total loss, metrics); metrics carry the per-layer expert load for the bias update."""
+def loss_fn(
+  params,
+  router_bias,
+  model: Transformer,
+  tokens,
+  mask,
+  loss_cfg: LossConfig,
+  positions=None,
+  segment_ids=None,
+):
+  """Returns (total loss, metrics); metrics carry the per-layer expert load for the bias update.
+
+  tokens, mask, positions, segment_ids: [b, s]; `mask` marks the tokens the loss counts as
+  targets (None: all), `segment_ids` the documents of packed rows (see `r1jax.train.losses`).
+  """
   variables = {"params": params}
   if router_bias:
     variables["router_bias"] = router_bias
-  (logits, mtp_logits), stats = model.apply(variables, tokens, mtp=True, mutable=["moe_stats"])
-  lm = next_token_loss(logits, tokens, mask)
-  mtp = mtp_loss(mtp_logits, tokens, mask)
+  (h, mtp_h, head), stats = model.apply(
+    variables, tokens, positions, segment_ids, method="features", mutable=["moe_stats"]
+  )
+  lm, mtp = lm_losses(h, mtp_h, head, tokens, mask, segment_ids, loss_cfg.loss_chunk)
   stats = traverse_util.flatten_dict(stats.get("moe_stats", {}))
   balance = sum(jnp.sum(v) for path, v in stats.items() if path[-1] == "balance_loss")
   total = lm + loss_cfg.mtp_weight * mtp + balance
@@ -142,12 +157,13 @@ def make_train_step(
   mesh: jax.sharding.Mesh | None = None,
   rules: sharding.AxisRules | None = None,
 ):
-  """A jitted (state, tokens, mask) -> (state, metrics); on a mesh, sharded by `rules`."""
+  """A jitted (state, tokens, mask, positions=None, segment_ids=None) -> (state, metrics); on a
+  mesh, sharded by `rules`. The batch arguments are [b, s] as `loss_fn` takes them."""
 
-  def step(state: TrainState, tokens, mask):
+  def step(state: TrainState, tokens, mask, positions=None, segment_ids=None):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (metrics, load)), grads = grad_fn(
-      state.params, state.router_bias, model, tokens, mask, loss_cfg
+      state.params, state.router_bias, model, tokens, mask, loss_cfg, positions, segment_ids
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -163,5 +179,13 @@ def make_train_step(
   states = state_shardings(model, optimizer, mesh, rules)
   batch = sharding.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  jitted = jax.jit(step, in_shardings=(states, batch, batch), out_shardings=(states, replicated))
-  return on_mesh(jitted, mesh, rules)
+  jitted = jax.jit(
+    step, in_shardings=(states, batch, batch, batch, batch), out_shardings=(states, replicated)
+  )
+
+  def call(state, tokens, mask, positions=None, segment_ids=None):
+    return jitted(state, tokens, mask, positions, segment_ids)  # pjit wants every argument
+
+  stepper = on_mesh(call, mesh, rules)
+  stepper.wrapped = jitted  # (state, tokens, mask, positions, segment_ids): for jax.export
+  return stepper

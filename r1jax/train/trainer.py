@@ -7,13 +7,17 @@ A run's workdir holds:
   metrics.jsonl     one JSON object per logged step: loss, lm_loss, mtp_loss, balance_loss,
                     grad_norm, tokens_per_s, mfu, expert load (worst max/mean, mean CV, per layer)
   tensorboard/      the same as TensorBoard event files
-  checkpoints/      orbax: the train state and the data position every --save_every steps
+  checkpoints/      orbax: the train state and the data pipeline's state every --save_every steps
 
 Starting with a workdir that holds checkpoints resumes from the newest readable one, and the
 metrics of steps after it are dropped from metrics.jsonl (they are recomputed, identically on
 CPU). SIGTERM (what Cloud TPU sends before preemption) saves at the next step boundary and
 returns; a non-finite loss stops the run before anything is saved, naming the step, so the last
-good checkpoint stays the newest.
+good checkpoint stays the newest. A finite data pipeline that runs out ends the run early (status
+"data_exhausted"), saved.
+
+Batches come from `r1jax.data.pipeline` (each process builds its own rows); the loss counts the
+tokens the batch's `targets` mark (SFT: the response only) within their documents.
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ import numpy as np
 
 from r1jax import sharding
 from r1jax.config import ModelConfig
-from r1jax.data.synthetic import addition_batch
+from r1jax.data.pipeline import DataConfig, DataIterator, make_pipeline
 from r1jax.model import Transformer
-from r1jax.train.checkpoints import TrainCheckpoints
+from r1jax.train.checkpoints import NoCheckpoints, TrainCheckpoints
 from r1jax.train.loop import TrainConfig, check_fits, make_optimizer, make_schedule
 from r1jax.train.metrics import MetricsWriter, device_peak_flops, model_flops_per_token
-from r1jax.train.step import LossConfig, make_init, make_train_step
+from r1jax.train.step import make_init, make_train_step
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,18 +57,19 @@ class RunConfig:
   """Where a run lives and how often it saves.
 
   Attributes:
-    workdir: the run's directory (created; an existing one with checkpoints is resumed).
+    workdir: the run's directory (created; an existing one with checkpoints is resumed); None
+      runs without one (no checkpoints, no metrics files).
     save_every: checkpoint every this many steps (and always at the end).
     keep: checkpoints kept on disk.
   """
 
-  workdir: str
+  workdir: str | None
   save_every: int = 100
   keep: int = 3
 
   def __post_init__(self):
-    if not self.workdir:
-      raise ValueError("workdir: must be a directory path")
+    if self.workdir is not None and not self.workdir:
+      raise ValueError("workdir: must be a directory path (or None)")
     if self.save_every < 1:
       raise ValueError(f"save_every: must be >= 1, got {self.save_every}")
     if self.keep < 1:
@@ -108,7 +113,12 @@ def run_info(mesh) -> dict[str, Any]:
 
 
 def write_run_record(
-  workdir: str, flags_text: str, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh
+  workdir: str,
+  flags_text: str,
+  model_cfg: ModelConfig,
+  train_cfg: TrainConfig,
+  mesh,
+  data_cfg: DataConfig | None = None,
 ) -> None:
   """flags.txt, config.json and run_info.json, on process 0 (before step 0)."""
   if jax.process_index() != 0:
@@ -118,7 +128,13 @@ def write_run_record(
     f.write(flags_text)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(
-      {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)}, f, indent=2
+      {
+        "model": dataclasses.asdict(model_cfg),
+        "train": dataclasses.asdict(train_cfg),
+        "data": dataclasses.asdict(data_cfg) if data_cfg is not None else None,
+      },
+      f,
+      indent=2,
     )
   with open(os.path.join(workdir, "run_info.json"), "w") as f:
     json.dump(run_info(mesh), f, indent=2)
@@ -173,12 +189,51 @@ class _Throughput:
     return out
 
 
-def _progress(step: int, total: int, start_step: int, started: float, loss: float) -> str:
+def _progress(step: int, total: int, start_step: int, started: float, row: dict) -> str:
+  """`step     9/200  loss 2.4012  lm 1.9 ...  3.1 steps/s  eta 61s` (the rate includes the
+  first step's compile until later steps outweigh it)."""
   done = step + 1 - start_step
   elapsed = time.perf_counter() - started
   rate = done / elapsed if elapsed > 0 else 0.0
   eta = (total - step - 1) / rate if rate > 0 else float("inf")
-  return f"[{step + 1}/{total}] loss {loss:.4f}  {rate:.2f} steps/s  eta {eta:6.0f}s"
+  return (
+    f"step {step:5d}/{total}  loss {float(row['loss']):.4f}  lm {float(row['lm_loss']):.4f}  "
+    f"mtp {float(row['mtp_loss']):.4f}  grad_norm {float(row['grad_norm']):.3f}  "
+    f"{rate:.2f} steps/s  eta {eta:.0f}s"
+  )
+
+
+def default_data(train_cfg: TrainConfig) -> DataConfig:
+  """The synthetic addition task cut into the run's batches."""
+  return DataConfig(seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size, seed=train_cfg.seed)
+
+
+def check_data_fits(data_cfg: DataConfig, train_cfg: TrainConfig) -> None:
+  for name in ("seq_len", "batch_size"):
+    if getattr(data_cfg, name) != getattr(train_cfg, name):
+      raise ValueError(
+        f"{name}: the data config has {getattr(data_cfg, name)}, the train config "
+        f"{getattr(train_cfg, name)}; build both from the same flags"
+      )
+
+
+def global_data_state(data: DataIterator) -> dict[str, Any]:
+  """The pipeline's state with the rows of every process merged (the same dict on each): what a
+  restart with any process count restores from."""
+  state = data.get_state()
+  if jax.process_count() == 1:
+    return state
+  from jax.experimental import multihost_utils
+
+  encoded = np.frombuffer(json.dumps(state["rows"]).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([encoded.size], np.int64)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: encoded.size] = encoded
+  everyone = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+  rows: dict[str, Any] = {}
+  for size, raw in zip(sizes, everyone, strict=True):
+    rows.update(json.loads(raw[: int(size)].tobytes().decode()))
+  return {**state, "rows": rows}
 
 
 def run(
@@ -186,56 +241,66 @@ def run(
   train_cfg: TrainConfig,
   run_cfg: RunConfig,
   *,
+  data: DataIterator | None = None,
   mesh=None,
   rules: sharding.AxisRules | None = None,
   init_variables: dict[str, Any] | None = None,
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-  """Trains on the synthetic addition task with checkpoints in `run_cfg.workdir`.
+  """Trains with checkpoints in `run_cfg.workdir`.
+
+  Args:
+    data: this process's pipeline (`make_pipeline` of a DataConfig with the run's seq_len and
+      batch_size), fresh; None: the synthetic addition task (`default_data`).
 
   Returns:
-    {"status": "done" | "preempted", "step": steps completed, "history": logged rows}.
+    {"status": "done" | "preempted" | "data_exhausted", "step": steps completed,
+     "history": logged rows}.
 
   Raises:
     NonFiniteLoss: the loss became non-finite (nothing is saved for that step).
   """
   check_fits(model_cfg, train_cfg)
+  if data is None:
+    data = make_pipeline(
+      default_data(train_cfg),
+      vocab_size=model_cfg.vocab_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
   model = Transformer(model_cfg)
   optimizer = make_optimizer(train_cfg)
   rules = rules or sharding.RULES["ep_fsdp"]
   shape = (train_cfg.batch_size, train_cfg.seq_len)
   in_batch = sharding.batch_sharding(mesh, rules) if mesh is not None else None
 
-  def global_array(host):
+  def global_array(local):
     if mesh is None:
-      return jax.numpy.asarray(host)
-    return jax.make_array_from_callback(host.shape, in_batch, lambda index: host[index])
+      return jax.numpy.asarray(local)
+    return jax.make_array_from_process_local_data(in_batch, local, shape)
 
-  def batch(step):
-    return global_array(addition_batch(train_cfg.seed, step, *shape))
-
-  state = make_init(model, optimizer, mesh, rules)(jax.random.key(train_cfg.seed), batch(0))
+  dummy = global_array(np.zeros((shape[0] // jax.process_count(), shape[1]), np.int32))
+  state = make_init(model, optimizer, mesh, rules)(jax.random.key(train_cfg.seed), dummy)
   if init_variables is not None:
     state = state.replace(
       params=init_variables["params"], router_bias=init_variables.get("router_bias", {})
     )
-  checkpoints = TrainCheckpoints(
-    run_cfg.workdir, save_every=run_cfg.save_every, keep=run_cfg.keep, log=log
-  )
-  metrics_path = os.path.join(run_cfg.workdir, METRICS_FILE)
+  checkpoints: TrainCheckpoints | NoCheckpoints = NoCheckpoints()
+  if run_cfg.workdir is not None:
+    checkpoints = TrainCheckpoints(
+      run_cfg.workdir, save_every=run_cfg.save_every, keep=run_cfg.keep, log=log
+    )
   start = 0
   restored = checkpoints.restore_latest(state)
   if restored is not None:
     start, state, data_state = restored
-    if data_state.get("next_step") != start:
-      raise ValueError(f"{checkpoints.directory}/{start}: data position {data_state} != step")
+    if data_state.get("next_step") != start or "pipeline" not in data_state:
+      raise ValueError(f"{checkpoints.directory}/{start}: data state does not match the step")
+    data.set_state(data_state["pipeline"])
     log(f"resumed from step {start} ({checkpoints.directory})")
     if jax.process_index() == 0:
-      _trim_metrics(metrics_path, start)
-  step_fn = make_train_step(
-    model, optimizer, LossConfig(train_cfg.mtp_weight, train_cfg.bias_update_speed), mesh, rules
-  )
-  mask = global_array(np.ones(shape, np.int32))
+      _trim_metrics(os.path.join(run_cfg.workdir, METRICS_FILE), start)
+  step_fn = make_train_step(model, optimizer, train_cfg.loss_config(), mesh, rules)
   writer = MetricsWriter(run_cfg.workdir)
   schedule = make_schedule(train_cfg)
   flops = model_flops_per_token(model_cfg, train_cfg.seq_len, train_cfg.mtp_weight > 0)
@@ -248,7 +313,19 @@ def run(
   with _Preemption() as preemption:
     step = start
     while step < train_cfg.num_steps:
-      new_state, metrics = step_fn(state, batch(step), mask)
+      try:
+        local = next(data)
+      except StopIteration:
+        status = "data_exhausted"
+        log(f"the data ran out after step {step}; saving and stopping")
+        checkpoints.save(
+          step, state, {"next_step": step, "pipeline": global_data_state(data)}, force=True
+        )
+        break
+      batch = {k: global_array(local[k]) for k in ("tokens", "targets", "positions", "segment_ids")}
+      new_state, metrics = step_fn(
+        state, batch["tokens"], batch["targets"], batch["positions"], batch["segment_ids"]
+      )
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         checkpoints.wait()
@@ -264,8 +341,11 @@ def run(
         row.update(throughput.update(step), learning_rate=float(schedule(step - 1)))
         writer.write(row)
         history.append({k: (v.tolist() if np.ndim(v) else float(v)) for k, v in row.items()})
-        log(_progress(step - 1, train_cfg.num_steps, start, started, loss))
-      checkpoints.save(step, state, {"next_step": step}, force=last or preemption.requested)
+        log(_progress(step - 1, train_cfg.num_steps, start, started, row))
+      force = last or preemption.requested
+      if force or step % run_cfg.save_every == 0:
+        data_state = {"next_step": step, "pipeline": global_data_state(data)}
+        checkpoints.save(step, state, data_state, force=force)
       if preemption.requested and not last:
         status = "preempted"
         log(f"SIGTERM: saved step {step}; exiting")
