@@ -209,6 +209,7 @@ def main(argv, job: str) -> None:
     model_cfg, train_cfg, data_cfg = configs_from_flags()
     if FLAGS.workdir:
       _check_workdir(FLAGS.workdir)
+      trainer.check_resume(FLAGS.workdir, model_cfg, train_cfg, data_cfg)
     run_cfg = trainer.RunConfig(FLAGS.workdir, FLAGS.save_every, FLAGS.keep_checkpoints)
     sharding.parse_mesh(FLAGS.mesh)
     if FLAGS.rules not in sharding.RULES:

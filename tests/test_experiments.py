@@ -111,3 +111,35 @@ def test_sft_refuses_a_plain_text_source():
   )
   assert proc.returncode == 2
   assert proc.stderr.startswith("error: --data_source: sft trains on prompt/response pairs")
+
+
+def test_resuming_with_a_different_model_is_refused_untouched(tmp_path):
+  """config.json of a tiny run, then --preset=small in the same workdir: exit 2, files as they
+  were (a checkpoint that cannot restore must never be set aside as unreadable)."""
+  import dataclasses
+  import json
+
+  from r1jax.data.pipeline import DataConfig
+
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "flags.txt").write_text("--preset=tiny\n")
+  stored = {
+    "model": dataclasses.asdict(ModelConfig.from_preset("tiny")),
+    "train": dataclasses.asdict(TrainConfig()),
+    "data": json.loads(json.dumps(dataclasses.asdict(DataConfig()))),
+  }
+  (workdir / "config.json").write_text(json.dumps(stored))
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}", "--preset=small"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith(f"error: --workdir: {workdir} holds a run made with vocab_size=256")
+  assert "(now 8192)" in proc.stderr and f"--flagfile={workdir}/flags.txt" in proc.stderr
+  assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before

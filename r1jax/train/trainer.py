@@ -140,6 +140,50 @@ def write_run_record(
     json.dump(run_info(mesh), f, indent=2)
 
 
+# Fields a resumed run may change: how the same computation is implemented or logged, its length.
+_RESUMABLE_CHANGES = {
+  "model": {"moe_impl", "expert_exchange", "remat"},
+  "train": {"num_steps", "log_every"},
+  "data": {"data_files", "tokenizer"},
+}
+
+
+def check_resume(
+  workdir: str, model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig | None
+) -> None:
+  """Refuses to resume the run in `workdir` with different configs (its checkpoints would not
+  restore, or would continue a different run): one line naming the fields. Nothing is touched.
+
+  Raises:
+    ValueError: a field other than those in `_RESUMABLE_CHANGES` differs from config.json.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  now = {
+    "model": dataclasses.asdict(model_cfg),
+    "train": dataclasses.asdict(train_cfg),
+    "data": dataclasses.asdict(data_cfg) if data_cfg is not None else None,
+  }
+  changed = []
+  for part, fields in now.items():
+    before = stored.get(part)
+    if fields is None or before is None:
+      continue
+    fields = json.loads(json.dumps(fields))  # tuples -> lists, as stored
+    for name, value in fields.items():
+      if name not in _RESUMABLE_CHANGES[part] and before.get(name, value) != value:
+        changed.append(f"{name}={before.get(name)!r} (now {value!r})")
+  if changed:
+    raise ValueError(
+      f"--workdir: {workdir} holds a run made with {', '.join(changed[:4])}"
+      f"{' and more' if len(changed) > 4 else ''}; resume it with "
+      f"--flagfile={os.path.join(workdir, 'flags.txt')}, or use a new --workdir"
+    )
+
+
 def _trim_metrics(path: str, before_step: int) -> None:
   """Drops logged steps >= before_step (a resumed run logs them again)."""
   if not os.path.exists(path):
