@@ -37,8 +37,9 @@ flags.DEFINE_list(
 flags.DEFINE_string(
   "init_from",
   None,
-  "Start from these weights: an r1jax weights directory (`python -m r1jax.hf convert` writes "
-  "one from an HF checkpoint). Its config replaces --preset.",
+  "Start from these weights (the optimizer starts fresh): an r1jax weights directory "
+  "(`python -m r1jax.hf convert` writes one from an HF checkpoint) or an earlier run's workdir "
+  "(its newest checkpoint). Its model config replaces --preset.",
 )
 # --- steps, batch, optimizer, losses
 flags.DEFINE_integer("num_steps", 300, "Training steps.")

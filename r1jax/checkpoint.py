@@ -3,7 +3,10 @@
 Layout of a weights directory:
   DIR/config.json   the ModelConfig fields (r1jax names, not HF's)
   DIR/weights/      an orbax StandardCheckpointer tree {"params": ..., "router_bias": ...}
-The training-state manager (async saves, keep-K, preemption) builds on the same directory style.
+
+`read_config` and `load_weights` also take a training run's workdir (`r1jax.train.trainer`):
+its config.json's "model" part, and the params and router bias of its newest checkpoint (the
+optimizer state is not used).
 """
 
 from __future__ import annotations
@@ -25,6 +28,20 @@ from r1jax.model import Transformer
 CONFIG_FILE = "config.json"
 WEIGHTS_DIR = "weights"
 _COLLECTIONS = ("params", "router_bias")
+
+
+def run_checkpoint(path: str) -> str | None:
+  """The newest `checkpoints/<step>/state` of a training run's workdir; None if `path` is not
+  a run with a checkpoint."""
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isfile(os.path.join(path, CONFIG_FILE)) or not os.path.isdir(directory):
+    return None
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  for step in reversed(steps):
+    state = os.path.join(os.path.abspath(directory), str(step), "state")
+    if os.path.isdir(state):
+      return state
+  return None
 
 
 def is_weights_dir(path: str) -> bool:
@@ -52,13 +69,17 @@ def save_weights(path: str, cfg: ModelConfig, variables: dict[str, Any]) -> str:
 def read_config(path: str) -> ModelConfig:
   """The ModelConfig of a weights directory; one-line errors for a missing or foreign file."""
   file = os.path.join(path, CONFIG_FILE)
-  if not is_weights_dir(path):
+  run = run_checkpoint(path)
+  if not is_weights_dir(path) and run is None:
     raise ValueError(
-      f"{path}: not an r1jax weights directory (needs {CONFIG_FILE} and {WEIGHTS_DIR}/); "
-      "convert an HF checkpoint with `python -m r1jax.hf convert SRC DST`"
+      f"{path}: not an r1jax weights directory (needs {CONFIG_FILE} and {WEIGHTS_DIR}/) nor a "
+      "training run with a checkpoint; convert an HF checkpoint with "
+      "`python -m r1jax.hf convert SRC DST`"
     )
   with open(file) as f:
     fields = json.load(f)
+  if run is not None and not is_weights_dir(path):
+    fields = fields.get("model") or {}
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(fields) - known)
   if unknown:
@@ -79,6 +100,8 @@ def load_weights(path: str) -> tuple[ModelConfig, dict[str, Any]]:
   cfg = read_config(path)
   expected = expected_shapes(cfg)
   target = os.path.join(os.path.abspath(path), WEIGHTS_DIR)
+  if not is_weights_dir(path):
+    target = run_checkpoint(path)
   checkpointer = ocp.StandardCheckpointer()
   stored = traverse_util.flatten_dict(checkpointer.metadata(target).item_metadata.tree)
   for key, leaf in expected.items():
@@ -93,4 +116,4 @@ def load_weights(path: str) -> tuple[ModelConfig, dict[str, Any]]:
         f"{list(leaf.shape)}"
       )
   restored = checkpointer.restore(target)
-  return cfg, {k: dict(v) for k, v in restored.items()}
+  return cfg, {k: dict(restored[k]) for k in _COLLECTIONS if k in restored}

@@ -20,10 +20,12 @@ TINY = ModelConfig.from_preset("tiny", dtype="float32")
 TRAIN = TrainConfig(num_steps=1, batch_size=2, seq_len=32, log_every=1)
 
 
-def _one_step(workdir, data_cfg):
+def _one_step(workdir, data_cfg, train=TRAIN):
+  """What experiments/train_main.py does after its checks: the run record, then the run."""
+  trainer.write_run_record(str(workdir), "--preset=tiny\n", TINY, train, None, data_cfg)
   data = make_pipeline(data_cfg, vocab_size=TINY.vocab_size)
   result = trainer.run(
-    TINY, TRAIN, trainer.RunConfig(str(workdir), save_every=1), data=data, log=lambda _: None
+    TINY, train, trainer.RunConfig(str(workdir), save_every=1), data=data, log=lambda _: None
   )
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -73,3 +75,29 @@ def test_sft_one_step_counts_only_the_response(tmp_path):
   assert batch["targets"].sum() < (batch["segment_ids"] > 0).sum()  # prompts are in the batch
   unmasked = float(loss((jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.int32)))
   assert rows[0]["lm_loss"] != pytest.approx(unmasked, rel=1e-3)
+
+
+def test_init_from_an_earlier_run_takes_its_newest_weights(tmp_path):
+  from r1jax.checkpoint import load_weights, read_config
+
+  run = tmp_path / "run"
+  _one_step(
+    run, DataConfig(seq_len=32, batch_size=2), TrainConfig(**{**vars(TRAIN), "num_steps": 2})
+  )
+  cfg, variables = load_weights(str(run))
+  assert cfg == TINY
+  # The same state through the trainer's own restore (orbax's manager, a typed target).
+  model = Transformer(TINY)
+  init = make_init(model, trainer.make_optimizer(TRAIN))(
+    jax.random.key(TRAIN.seed), jnp.zeros((2, 32), jnp.int32)
+  )
+  checkpoints = trainer.TrainCheckpoints(str(run), save_every=1, keep=3, log=print)
+  step, state, _ = checkpoints.restore_latest(init)
+  checkpoints.close()
+  assert step == 2  # the newest (step 1 is kept too)
+  loaded, restored = jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params)
+  for a, b in zip(loaded, restored, strict=True):
+    np.testing.assert_array_equal(a, b)
+  fresh = jax.tree.leaves(init.params)
+  assert any(not np.array_equal(a, c) for a, c in zip(loaded, fresh, strict=True))  # trained
+  assert read_config(str(run)) == TINY
