@@ -63,6 +63,7 @@ flags.DEFINE_float("bias_update_speed", 1e-3, "Aux-loss-free balancing speed gam
 flags.DEFINE_integer(
   "loss_chunk", 0, "Sequence positions per cross-entropy chunk (0: whole logits at once)."
 )
+flags.DEFINE_float("router_z_loss", 0.0, "Router z-loss weight (ST-MoE); 0: off.")
 flags.DEFINE_integer("log_every", 25, "Log metrics every this many steps.")
 # --- data
 flags.DEFINE_enum("data_source", "synthetic", list(SOURCES), "Where the documents come from.")

@@ -107,3 +107,39 @@ def test_lm_losses_from_features_equal_the_losses_of_the_model_logits():
     )
     want = losses.mtp_loss(mtp_logits, tokens, mask, seg)
     assert float(mtp) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_router_z_loss_is_mean_squared_logsumexp_and_weighted_into_the_total():
+  from flax.linen import meta
+
+  from r1jax.layers.moe import MoE
+  from r1jax.train.step import LossConfig, loss_fn
+
+  cfg = ModelConfig.from_preset("tiny", dtype="float32")
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, cfg.hidden_size)), jnp.float32)
+  variables = meta.unbox(MoE(cfg).init(jax.random.key(1), x))
+  _, stats = MoE(cfg).apply(variables, x, mutable=["moe_stats"])
+  logits = np.asarray(x, np.float64).reshape(-1, cfg.hidden_size) @ np.asarray(
+    variables["params"]["gate"], np.float64
+  )
+  lse = np.log(np.exp(logits).sum(-1))
+  assert float(stats["moe_stats"]["router_z"]) == pytest.approx(np.mean(lse**2), rel=1e-5)
+
+  model = Transformer(cfg)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 12)), jnp.int32)
+  v = meta.unbox(model.init(jax.random.key(0), tokens))
+  off, (m_off, _) = loss_fn(v["params"], v["router_bias"], model, tokens, None, LossConfig())
+  on, (m_on, _) = loss_fn(
+    v["params"], v["router_bias"], model, tokens, None, LossConfig(router_z_weight=0.5)
+  )
+  _, all_stats = model.apply(v, tokens, mtp=True, mutable=["moe_stats"])
+  z = [leaf.reshape(-1) for p, leaf in traverse(all_stats) if p[-1] == "router_z"]
+  assert len(np.concatenate(z)) == cfg.num_moe_layers + cfg.num_nextn_predict_layers
+  assert float(m_on["router_z_loss"]) == pytest.approx(float(np.mean(np.concatenate(z))), rel=1e-6)
+  assert float(on - off) == pytest.approx(0.5 * float(m_on["router_z_loss"]), rel=1e-5)
+
+
+def traverse(tree):
+  from flax import traverse_util
+
+  return traverse_util.flatten_dict(tree["moe_stats"]).items()

@@ -14,9 +14,10 @@ Algorithm, per token x:
 
 State outside the gradient, each in its own collection:
   "router_bias"  correction_bias [E] float32: moved by +-gamma toward balance by the trainer.
-  "moe_stats"    expert_load [E] (tokens routed to each expert this step) and balance_loss (the
-                 sequence-wise loss, already times aux_loss_alpha); written only when the
-                 collection is mutable in `apply`.
+  "moe_stats"    expert_load [E] (tokens routed to each expert this step), balance_loss (the
+                 sequence-wise loss, already times aux_loss_alpha) and router_z (ST-MoE's
+                 z-loss, mean over tokens of logsumexp(logits)^2, unweighted: the trainer
+                 weights it); written only when the collection is mutable in `apply`.
 """
 
 from __future__ import annotations
@@ -116,3 +117,5 @@ class MoE(nn.Module):
     loss = cfg.aux_loss_alpha * sequence_balance_loss(scores, experts, e, batch)
     self.variable("moe_stats", "expert_load", jnp.zeros, (e,), jnp.float32).value = load
     self.variable("moe_stats", "balance_loss", jnp.zeros, (), jnp.float32).value = loss
+    z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    self.variable("moe_stats", "router_z", jnp.zeros, (), jnp.float32).value = z

@@ -46,6 +46,7 @@ class TrainConfig:
   mtp_weight: float = 0.3
   bias_update_speed: float = 1e-3
   loss_chunk: int = 0  # sequence positions per cross-entropy chunk; 0: the whole logits
+  router_z_loss: float = 0.0  # ST-MoE router z-loss weight; 0: off
 
   def __post_init__(self):
     for name in ("num_steps", "batch_size", "log_every"):
@@ -55,13 +56,13 @@ class TrainConfig:
       raise ValueError(f"seq_len: must be >= 3 (next-token and MTP targets), got {self.seq_len}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate: must be positive, got {self.learning_rate}")
-    for name in ("warmup_steps", "mtp_weight", "bias_update_speed", "loss_chunk"):
+    for name in ("warmup_steps", "mtp_weight", "bias_update_speed", "loss_chunk", "router_z_loss"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
     check_optimizer_fields(self)
 
   def loss_config(self) -> LossConfig:
-    return LossConfig(self.mtp_weight, self.bias_update_speed, self.loss_chunk)
+    return LossConfig(self.mtp_weight, self.bias_update_speed, self.loss_chunk, self.router_z_loss)
 
 
 def check_fits(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:

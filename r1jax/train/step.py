@@ -36,6 +36,7 @@ class LossConfig:
   mtp_weight: float = 0.3  # lambda; V3 used 0.3, then 0.1 for the last 4.8T tokens.
   bias_update_speed: float = 1e-3  # gamma; 0 freezes the correction bias.
   loss_chunk: int = 0  # Sequence positions per cross-entropy chunk; 0: whole logits at once.
+  router_z_weight: float = 0.0  # ST-MoE router z-loss weight (mean over MoE layers); 0: off.
 
 
 def init_state(model: Transformer, tokens, optimizer: optax.GradientTransformation, rng):
@@ -76,6 +77,11 @@ def loss_fn(
   balance = sum(jnp.sum(v) for path, v in stats.items() if path[-1] == "balance_loss")
   total = lm + loss_cfg.mtp_weight * mtp + balance
   metrics = {"loss": total, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance}
+  router_z = [v.reshape(-1) for path, v in stats.items() if path[-1] == "router_z"]
+  if router_z:  # every MoE layer, the MTP modules' included
+    metrics["router_z_loss"] = jnp.mean(jnp.concatenate(router_z))
+    total = total + loss_cfg.router_z_weight * metrics["router_z_loss"]
+    metrics["loss"] = total
   # Per-layer expert load, keyed by the MoE module's path (as the router bias is).
   load = {path[:-1]: v for path, v in stats.items() if path[-1] == "expert_load"}
   return total, (metrics, load)
