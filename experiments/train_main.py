@@ -100,21 +100,21 @@ flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept on disk.")
 
 
 def _typed(field: dataclasses.Field, text: str):
-  """A --model_overrides value as the ModelConfig field's type."""
+  """A --model_overrides value as the ModelConfig field's type (bool, int, float, str, or one of
+  them or None)."""
   kind = typing.get_type_hints(ModelConfig)[field.name]
-  if kind is bool:
+  options = typing.get_args(kind) or (kind,)
+  if text == "None" and type(None) in options:
+    return None
+  base = next(t for t in options if t is not type(None))
+  if base is bool:
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"--model_overrides: {field.name}={text!r} is not a bool")
     return text.lower() in ("true", "1")
-  for cast in (int, float):
-    if kind is cast or kind == cast | None:
-      try:
-        return None if text == "None" else cast(text)
-      except ValueError:
-        raise ValueError(
-          f"--model_overrides: {field.name}={text!r} is not {cast.__name__}"
-        ) from None
-  return None if text == "None" else text
+  try:
+    return base(text)
+  except ValueError:
+    raise ValueError(f"--model_overrides: {field.name}={text!r} is not {base.__name__}") from None
 
 
 def model_overrides() -> dict:
