@@ -1,5 +1,6 @@
 """Entry points: a short run through the same library call the experiment makes; bad flags."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,48 +24,75 @@ def test_pretrain_library_call_lowers_the_loss():
   assert lines[0].startswith("step     0/40  loss")
 
 
-@pytest.mark.parametrize(
-  "flag, message",
-  [
-    ("--preset=v4", "error: preset: unknown preset 'v4'"),
-    ("--num_steps=x", "error: flag --num_steps=x"),
-    ("--num_steps=0", "error: num_steps: must be positive"),
-    ("--seq_len=4096", "error: seq_len: 4096 exceeds max_position_embeddings=512"),
-    ("--moe_impl=cuda", "error: moe_impl: 'cuda'"),
-    ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
-    ("--init_from=/nonexistent", "error: init_from: /nonexistent: not an r1jax weights directory"),
-    # tests/conftest.py gives this process, and so the child, 8 simulated CPU devices
-    ("--mesh=data=16", "error: --mesh: data=16,fsdp=1,expert=1,tensor=1 needs 16 devices but 8"),
-    ("--mesh=pipe=2", "error: --mesh: 'pipe=2' is not AXIS=SIZE"),
-    ("--mesh=expert=3", "error: --mesh: expert=3 does not divide n_routed_experts=8"),
-    ("--rules=tp", "error: --rules: unknown 'tp'"),
-    ("--data_source=text", "error: data_files: source 'text' needs at least one file"),
-    ("--data_source=text --data_files=/nope.txt", "error: --data_files: no such file '/nope.txt'"),
-    # README.md has bytes >= 100: a 100-id model rejects them, naming the file
-    (
-      "--data_source=text --data_files=README.md --model_overrides=vocab_size=100",
-      "error: --tokenizer: 'README.md' encodes to token id",
-    ),
-    ("--lr_schedule=linear", "error: flag --lr_schedule=linear: value should be one of"),
-    ("--model_overrides=layers=2", "error: --model_overrides: 'layers=2' is not FIELD=VALUE"),
-    ("--model_overrides=num_hidden_layers=x", "error: --model_overrides: num_hidden_layers='x'"),
-    ("--remat=some", "error: remat: 'some'"),
-    ("--batch_size=6 --mesh=data=4,expert=2", "error: --batch_size: 6 does not split over"),
-  ],
-)
-def test_pretrain_bad_flags_exit_2_with_one_line(flag, message):
+BAD_FLAGS = [
+  ("--preset=v4", "error: preset: unknown preset 'v4'"),
+  ("--num_steps=x", "error: flag --num_steps=x"),
+  ("--num_steps=0", "error: num_steps: must be positive"),
+  ("--seq_len=4096", "error: seq_len: 4096 exceeds max_position_embeddings=512"),
+  ("--moe_impl=cuda", "error: moe_impl: 'cuda'"),
+  ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
+  ("--init_from=/nonexistent", "error: init_from: /nonexistent: not an r1jax weights directory"),
+  # tests/conftest.py gives this process, and so the child, 8 simulated CPU devices
+  ("--mesh=data=16", "error: --mesh: data=16,fsdp=1,expert=1,tensor=1 needs 16 devices but 8"),
+  ("--mesh=pipe=2", "error: --mesh: 'pipe=2' is not AXIS=SIZE"),
+  ("--mesh=expert=3", "error: --mesh: expert=3 does not divide n_routed_experts=8"),
+  ("--rules=tp", "error: --rules: unknown 'tp'"),
+  ("--data_source=text", "error: data_files: source 'text' needs at least one file"),
+  ("--data_source=text --data_files=/nope.txt", "error: --data_files: no such file '/nope.txt'"),
+  # README.md has bytes >= 100: a 100-id model rejects them, naming the file
+  (
+    "--data_source=text --data_files=README.md --model_overrides=vocab_size=100",
+    "error: --tokenizer: 'README.md' encodes to token id",
+  ),
+  ("--lr_schedule=linear", "error: flag --lr_schedule=linear: value should be one of"),
+  ("--model_overrides=layers=2", "error: --model_overrides: 'layers=2' is not FIELD=VALUE"),
+  ("--model_overrides=num_hidden_layers=x", "error: --model_overrides: num_hidden_layers='x'"),
+  ("--remat=some", "error: remat: 'some'"),
+  ("--batch_size=6 --mesh=data=4,expert=2", "error: --batch_size: 6 does not split over"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_results():
+  """Every BAD_FLAGS set through experiments.pretrain's parser and main, in one child process
+  (tests/flag_cases.py), keyed by the flag string."""
+  cases = [flag.split() for flag, _ in BAD_FLAGS]
   proc = subprocess.run(
-    [sys.executable, "-m", "experiments.pretrain", *flag.split()],
+    [sys.executable, "-m", "tests.flag_cases", json.dumps(cases)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  return {" ".join(r["args"]): r for r in results}
+
+
+@pytest.mark.parametrize("flag, message", BAD_FLAGS)
+def test_pretrain_bad_flags_exit_2_with_one_line(bad_flag_results, flag, message):
+  result = bad_flag_results[flag]
+  assert result["code"] == 2, result
+  lines = result["stderr"].strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message), result["stderr"]
+  assert "step" not in result["stdout"]  # stopped before any training
+
+
+def test_a_bad_flag_exits_2_from_the_command_line_too():
+  """The same path as a real invocation, once (the cases above run in one process)."""
+  proc = subprocess.run(
+    [sys.executable, "-m", "experiments.pretrain", "--mesh=expert=3"],
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=120,
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
-  assert proc.returncode == 2, proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
-  assert "step" not in proc.stdout  # stopped before any training
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == (
+    "error: --mesh: expert=3 does not divide n_routed_experts=8 (of a MoE layer); choose a divisor"
+  ) or proc.stderr.startswith("error: --mesh: expert=3 does not divide"), proc.stderr
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -117,7 +145,6 @@ def test_resuming_with_a_different_model_is_refused_untouched(tmp_path):
   """config.json of a tiny run, then --preset=small in the same workdir: exit 2, files as they
   were (a checkpoint that cannot restore must never be set aside as unreadable)."""
   import dataclasses
-  import json
 
   from r1jax.data.pipeline import DataConfig
 

@@ -7,8 +7,11 @@ import pytest
 from experiments.benchmarks import train_step
 
 
-def test_tiny_run_trains_the_same_model_and_ends_with_the_ratio():
-  cfg = train_step.benchmark_config("tiny")
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_tiny_run_trains_the_same_model_and_ends_with_the_ratio(scan_layers):
+  """r1jax's layers unrolled (the benchmark's default: the stacked initial state is unrolled
+  for it) or scanned."""
+  cfg = train_step.benchmark_config("tiny", scan_layers=scan_layers)
   lines = []
   result = train_step.run(
     cfg, batch=2, seq=16, steps=1, warmup=1, vs_hf=True, peak=False, log=lines.append

@@ -29,18 +29,36 @@ dense float32 jitted matmul measured in the same run (--nopeak skips it).
 The last line is `r1jax/hf tokens/s ratio: X.XX` (with --vs-hf). The machine is shared with
 other jobs: quote ratios from one run, not absolute times.
 
-Measured on 2026-11-24 on the 2-core CPU VM (jax 0.10.2, torch 2.13, transformers 5.23), the
-machine otherwise idle: r1jax 4.0-4.7 s/step, transformers 3.2-3.5 s/step (about 47% of the
-matmul peak), ratio 0.72-0.85. The target (>= 1.5) is not met: see the profile notes below.
+r1jax's layers run unrolled (ModelConfig.scan_layers=False; --scan_layers restores the scan):
+an implementation choice, the same model. The initial state is made stacked (for r1jax.hf.save)
+and then unrolled (`unroll_layers`). Measured alone: 3.5 s/step unrolled against 3.76 s scanned
+(the scan's per-layer weight slices, stacked residuals and zero-filled gradient stacks).
 
-Where r1jax's step goes (XLA CPU profile, ~4 s/step; it was 4.8 s before MLA's naive
-attention got one fused score einsum and the MoE stopped reshaping its stacked weights):
-routed experts ~35% (the xla grouped matmuls run their 64-row tail tiles at ~47 GFLOP/s, a
-third of the peak), attention ~25% (the naive form materialises [b, h, s, t] scores and cannot
-skip the masked half: the mask is built from traced positions), the layer scan ~15% (per-layer
-weight slices, stacked residuals and gradients, zero-filled on fresh pages), the LM head and
-cross-entropy ~10%, AdamW ~6%. transformers spends 2.0 s in MKL matmuls (1.0 s of it in
-grouped_mm, one plain matmul per expert), 0.3 s in attention bmm and 0.4 s in AdamW.
+Measured on 2026-11-24 on the 2-core CPU VM (jax 0.10.2, torch 2.13, transformers 5.23), after
+MLA's causal block skipping (`r1jax.layers.mla.attend`) and the unrolled layers:
+  r1jax alone (no --vs-hf): 3.5-3.7 s/step (it was ~4.0 before these two changes).
+  --vs-hf, machine otherwise idle (peak 125-129 GFLOP/s), two runs: r1jax 4.9 and 5.2 s/step,
+  transformers 3.5 and 3.6 s/step, ratio 0.72 and 0.69 (0.69 with the GLIBC_TUNABLES below:
+  4.6 and 3.2 s/step). Alternating with transformers costs r1jax ~1 s/step
+  against running alone (the other runtime's freed memory, caches and pages between steps;
+  GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184
+  made both sides ~5-8% faster).
+  --vs-hf while another job's tests shared the 2 cores (peak 73 GFLOP/s): r1jax 5.7-10.1
+  s/step, transformers 10.3-19.5 s/step (torch's OpenMP threads suffer far more from the
+  competition), ratio 1.81-1.92. Quote the idle figure.
+The target (>= 1.5 on an idle machine) is not met: see the profile notes below.
+
+Where r1jax's step goes (XLA CPU profile, exclusive time per op, ~3.8 s/step with the layer
+scan, before unrolling): routed experts' grouped matmuls 1.16 s, though their dots run at ~100
+GFLOP/s (near the peak): ~0.3 s of it is the loops' slicing, masking and masked tail rows, so
+tiling cannot win much (rows/tail_rows 256/64, 128/32, 128/64, 512/128 measured within noise);
+the attention core 0.6 s (alone, forward+backward per layer, 0.30 s in the single
+[b, h, s, t] form before block skipping, 0.17 s now: ~0.5 s/step saved over 4 layers) plus 0.5 s of MLA projections and the
+output projection; AdamW, cross-entropy and other elementwise work 0.55 s; the LM head's
+three [2048 x 512 x 8192] products 0.41 s; the scan's slicing and stacking 0.45 s (gone
+unrolled); the dense layer's MLP 0.3 s; router and permute 0.22 s; shared experts 0.12 s.
+transformers spends 2.0 s in MKL matmuls (1.0 s of it in grouped_mm, one plain matmul per
+expert), 0.3 s in attention (sdpa's fused causal kernel) and 0.4 s in AdamW.
 
 Memory note: both runtimes allocate large buffers afresh each step and this VM charges ~2 us
 per 4 KiB page fault. GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc asks for transparent huge
@@ -50,6 +68,7 @@ pages) made r1jax alone ~7% faster here, but slowed both sides of this two-model
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import statistics
@@ -67,7 +86,7 @@ from r1jax import hf
 from r1jax.config import MOE_IMPLS, PRESETS, ModelConfig
 from r1jax.model import Transformer
 from r1jax.train.metrics import model_flops_per_token
-from r1jax.train.step import LossConfig, init_state, make_train_step
+from r1jax.train.step import LossConfig, TrainState, init_state, make_train_step
 
 _PRESET = flags.DEFINE_enum("preset", "small", list(PRESETS), "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.", lower_bound=1)
@@ -79,6 +98,7 @@ flags.DEFINE_alias("vs_hf", "vs-hf")
 _MOE_IMPL = flags.DEFINE_enum("moe_impl", "auto", list(MOE_IMPLS), "r1jax dispatch ops.")
 _PEAK = flags.DEFINE_bool("peak", True, "Measure the dense float32 matmul peak.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the weights and tokens.")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "r1jax: scan over layers (else unrolled).")
 
 # AdamW hyper-parameters of both sides.
 _LR, _B1, _B2, _EPS, _WD = 1e-4, 0.9, 0.95, 1e-8, 0.1
@@ -86,10 +106,15 @@ _PEAK_SHAPES = ((2048, 2048, 2048), (4096, 2048, 2048))
 _PAUSE_S = 0.5  # idle time before each timed step of an alternating run
 
 
-def benchmark_config(preset: str, moe_impl: str = "auto") -> ModelConfig:
-  """The preset in float32 with MTP off."""
+def benchmark_config(preset: str, moe_impl: str = "auto", scan_layers: bool = False) -> ModelConfig:
+  """The preset in float32 with MTP off; r1jax's layers unrolled unless scan_layers."""
   return ModelConfig.from_preset(
-    preset, num_nextn_predict_layers=0, dtype="float32", param_dtype="float32", moe_impl=moe_impl
+    preset,
+    num_nextn_predict_layers=0,
+    dtype="float32",
+    param_dtype="float32",
+    moe_impl=moe_impl,
+    scan_layers=scan_layers,
   )
 
 
@@ -102,9 +127,31 @@ def _optimizer() -> optax.GradientTransformation:
 
 
 def r1jax_state(cfg: ModelConfig, seed: int):
-  """The initial TrainState (plain arrays) of the benchmark model."""
-  init = jax.jit(lambda rng, tokens: init_state(Transformer(cfg), tokens, _optimizer(), rng))
+  """The initial TrainState (plain arrays) of the benchmark model, layers stacked (as
+  `r1jax.hf.save` wants them, whatever cfg.scan_layers says)."""
+  scanned = dataclasses.replace(cfg, scan_layers=True)
+  init = jax.jit(lambda rng, tokens: init_state(Transformer(scanned), tokens, _optimizer(), rng))
   return init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
+
+
+def unroll_layers(cfg: ModelConfig, state) -> TrainState:
+  """The stacked state for the unrolled stack (scan_layers=False): layer i of each stack's
+  params and router bias becomes its `layer_{i}` subtree; the AdamW moments start afresh
+  (zero, as in the stacked state)."""
+  stacks = (("dense_layers", cfg.first_k_dense_replace), ("moe_layers", cfg.num_moe_layers))
+
+  def unroll(tree):
+    tree = dict(tree)
+    for name, length in stacks:
+      if name in tree:
+        stacked = tree[name]
+        tree[name] = {
+          f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(length)
+        }
+    return tree
+
+  params = unroll(state.params)
+  return TrainState(state.step, params, unroll(state.router_bias), _optimizer().init(params))
 
 
 def r1jax_step(cfg: ModelConfig, state, tokens: np.ndarray) -> Callable[[], float]:
@@ -112,6 +159,8 @@ def r1jax_step(cfg: ModelConfig, state, tokens: np.ndarray) -> Callable[[], floa
 
   Compiled here, ahead of the timing. Consumes `state`.
   """
+  if not cfg.scan_layers:
+    state = unroll_layers(cfg, state)
   train = make_train_step(Transformer(cfg), _optimizer(), LossConfig(mtp_weight=0.0))
   tokens = jnp.asarray(tokens)
   mask = jnp.ones(tokens.shape, jnp.int32)
@@ -134,7 +183,7 @@ def hf_model(cfg: ModelConfig, state):
   transformers.utils.logging.disable_progress_bar()
   variables = {"params": state.params, "router_bias": state.router_bias}
   with tempfile.TemporaryDirectory() as path:
-    hf.save(cfg, variables, path)
+    hf.save(dataclasses.replace(cfg, scan_layers=True), variables, path)  # state is stacked
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
   return model.train()
 
@@ -232,7 +281,8 @@ def run(
   flops = model_flops_per_token(cfg, seq, include_mtp=False) * n
   log(
     f"{cfg.num_hidden_layers} layers ({cfg.num_moe_layers} MoE, {cfg.n_routed_experts} experts, "
-    f"top-{cfg.num_experts_per_tok}), hidden {cfg.hidden_size}, float32, MTP off"
+    f"top-{cfg.num_experts_per_tok}), hidden {cfg.hidden_size}, float32, MTP off, "
+    f"r1jax layers {'scanned' if cfg.scan_layers else 'unrolled'}"
   )
   log(f"batch {batch} x {seq} = {n} tokens, {flops / 1e9:.1f} GFLOP/step, {steps} timed steps")
   peak_rate = matmul_peak() if peak else None
@@ -257,7 +307,7 @@ def run(
 
 def main(argv):
   del argv
-  cfg = benchmark_config(_PRESET.value, _MOE_IMPL.value)
+  cfg = benchmark_config(_PRESET.value, _MOE_IMPL.value, _SCAN.value)
   if _SEQ.value > cfg.max_position_embeddings:
     raise app.UsageError(
       f"--seq={_SEQ.value} exceeds max_position_embeddings={cfg.max_position_embeddings}"

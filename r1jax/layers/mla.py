@@ -20,6 +20,8 @@ against H * (d + r + d_v) = 40960 for the expanded cache.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,149 @@ def masked_softmax(scores, mask):
   """Softmax over t in float32. scores [b, s, h, t], mask [b, s, t]."""
   scores = jnp.where(mask[:, :, None, :], scores.astype(jnp.float32), _NEG_INF)
   return jax.nn.softmax(scores, axis=-1)
+
+
+# ------------------------------------------------------------------ naive attention core
+#
+# Measured on the `small` preset (2-core CPU, b=4, s=512, h=8): the [b, h, s, t] score tensors
+# make this core memory-bound (the products have K = 96 or 64), so the work that counts is the
+# number of score elements written and read. A causal mask leaves the upper triangle of scores
+# unused; `attend` skips it in static query blocks of ATTEND_BLOCK rows (query block i against
+# keys [0, end of block i) only: (n+1)/2n of the scores for n blocks). Forward and backward of
+# the core: 0.30 s -> 0.17 s per layer (the single [b, h, s, t] einsum form it replaced).
+
+ATTEND_BLOCK = 128  # query rows per block; measured faster than 64 and 256 at s=512
+
+
+def _bias(mask):
+  return jnp.where(mask, 0.0, _NEG_INF)[:, None]  # [b, 1, s, t] float32
+
+
+def _spans(s: int, t: int, block: int | None):
+  """(query start, query end, keys used) per query block; None: one block, every key."""
+  if block is None or s != t or s <= block:
+    return ((0, s, t),)
+  return tuple((a, min(a + block, s), min(a + block, s)) for a in range(0, s, block))
+
+
+def _lower_triangular(mask):
+  """Whether no query sees a later key (mask[b, s, t] False for t > s) and every query sees
+  itself: then the blocks' skipped keys would all be masked, and no row is fully masked (whose
+  softmax is uniform over every key), so the blocked core is exact."""
+  s, t = mask.shape[1:]
+  if s != t:
+    return jnp.array(False)
+  later = jnp.arange(s)[:, None] < jnp.arange(t)[None, :]
+  diagonal = jnp.diagonal(mask, axis1=1, axis2=2)
+  return ~jnp.any(mask & later) & jnp.all(diagonal)
+
+
+def _attend_fwd_blocks(q, k, v, mask, spans):
+  """Per query block: out = exp(scores - m) @ v / total (the normalisation after the value product,
+  fewer divides); m and total (the row max and sum) and the blocks' exp(scores - m) are kept for
+  the backward."""
+  outs, maxes, sums, probs = [], [], [], []
+  for a, e, keys in spans:
+    scores = jnp.einsum(
+      "bhsd,bhtd->bhst", q[:, :, a:e], k[:, :, :keys], preferred_element_type=jnp.float32
+    )
+    scores += _bias(mask[:, a:e, :keys])
+    m = scores.max(axis=-1, keepdims=True)
+    p = jnp.exp(scores - m)
+    total = p.sum(axis=-1, keepdims=True)
+    out = jnp.einsum(
+      "bhst,bhte->bhse", p.astype(v.dtype), v[:, :, :keys], preferred_element_type=jnp.float32
+    )
+    outs.append(out / total)
+    maxes.append(m)
+    sums.append(total)
+    probs.append(p)
+  cat = lambda xs: jnp.concatenate(xs, axis=2) if len(xs) > 1 else xs[0]
+  return cat(outs).astype(v.dtype), cat(maxes), cat(sums), tuple(probs)
+
+
+def _attend_bwd_blocks(q, k, v, mask, out, m, total, probs, dout, spans):
+  """Softmax attention's VJP per query block, from the forward's exp(scores - m) (probs) or,
+  with probs None, recomputing them from m: with p = exp(scores - m) / total,
+  dv = p^T do, dp = do v^T, ds = p (dp - rowsum(do * out)), dq = ds k, dk = ds^T q."""
+  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  for i, (a, e, keys) in enumerate(spans):
+    qi, ki, vi, doi = q[:, :, a:e], k[:, :, :keys], v[:, :, :keys], dout[:, :, a:e]
+    if probs is None:
+      scores = f32("bhsd,bhtd->bhst", qi, ki) + _bias(mask[:, a:e, :keys])
+      p = jnp.exp(scores - m[:, :, a:e]) / total[:, :, a:e]
+    else:
+      p = probs[i] / total[:, :, a:e]
+    dp = f32("bhse,bhte->bhst", doi, vi)
+    # Zero at masked keys: p is zero there anyway, except in a fully masked row, whose uniform
+    # output does not depend on its scores at all (autodiff of the additive bias would say it
+    # does).
+    ds = jnp.where(mask[:, None, a:e, :keys], p * (dp - delta[:, :, a:e]), 0).astype(q.dtype)
+    dq.append(f32("bhst,bhtd->bhsd", ds, ki))
+    pad = ((0, 0), (0, 0), (0, k.shape[2] - keys), (0, 0))
+    dk += jnp.pad(f32("bhst,bhsd->bhtd", ds, qi), pad)
+    dv += jnp.pad(f32("bhst,bhse->bhte", p.astype(v.dtype), doi), pad)
+  dq = jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@jax.custom_vjp
+def attend(q, k, v, mask):
+  """Masked softmax attention: q [b, h, s, d] (scaled), k [b, h, t, d], v [b, h, t, e], mask
+  bool [b, s, t] -> [b, h, s, e] in v.dtype; scores and softmax in float32.
+
+  Exact for any mask: a fully masked row is uniform over all t keys (the finite _NEG_INF).
+  When the mask is lower triangular with a true diagonal (causal, packed or not, checked at run
+  time: positions are traced) query blocks skip the keys after them; otherwise one block sees
+  every key. A custom VJP, so that the run-time choice (lax.cond) keeps one set of residuals
+  (under autodiff a cond stores both branches' residuals, zero-filling the branch not taken):
+  q, k, v, the output, the softmax's row max and sum, and the blocked branch's exp(scores - m)
+  blocks (the general branch recomputes its probabilities in the backward; measured on the
+  `small` shapes, storing the blocks made the core's forward+backward ~10% faster than
+  recomputing them).
+  """
+  return _attend_fwd(q, k, v, mask)[0]
+
+
+def _attend_fwd(q, k, v, mask):
+  s, t = q.shape[2], k.shape[2]
+  tri = _lower_triangular(mask)
+  blocked, general = _spans(s, t, ATTEND_BLOCK), _spans(s, t, None)
+  if blocked == general:
+    out, m, total, probs = _attend_fwd_blocks(q, k, v, mask, general)
+    return out, (q, k, v, mask, out, m, total, probs, tri)
+
+  def general_fwd(*args):
+    # Same outputs as the blocked branch: its probability blocks as zeros (the general
+    # backward recomputes its probabilities instead).
+    out, m, total, _ = _attend_fwd_blocks(*args, general)
+    zeros = tuple(jnp.zeros((*q.shape[:2], e - a, keys), jnp.float32) for a, e, keys in blocked)
+    return out, m, total, zeros
+
+  blocked_fwd = functools.partial(_attend_fwd_blocks, spans=blocked)
+  out, m, total, probs = jax.lax.cond(tri, blocked_fwd, general_fwd, q, k, v, mask)
+  return out, (q, k, v, mask, out, m, total, probs, tri)
+
+
+def _attend_bwd(res, dout):
+  q, k, v, mask, out, m, total, probs, tri = res
+  s, t = q.shape[2], k.shape[2]
+  blocked, general = _spans(s, t, ATTEND_BLOCK), _spans(s, t, None)
+  if blocked == general:
+    dq, dk, dv = _attend_bwd_blocks(q, k, v, mask, out, m, total, probs, dout, general)
+    return dq, dk, dv, None
+  blocked_bwd = functools.partial(_attend_bwd_blocks, spans=blocked)
+  general_bwd = lambda q, k, v, mask, out, m, total, probs, dout: _attend_bwd_blocks(
+    q, k, v, mask, out, m, total, None, dout, general
+  )
+  args = (q, k, v, mask, out, m, total, probs, dout)
+  dq, dk, dv = jax.lax.cond(tri, blocked_bwd, general_bwd, *args)
+  return dq, dk, dv, None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class MLA(nn.Module):
@@ -116,27 +261,17 @@ class MLA(nn.Module):
     """Expanded per-head keys and values: the training and prefill form.
 
     As in DeepSeek's naive path, q = [q_nope ; q_pe] and k = [k_nope ; k_pe] (k_pe shared by the
-    heads) give the scores in one einsum. For speed on CPU (measured on the `small` preset:
-    the attention core's forward+backward ~1.7x faster than separate nope/rope einsums and a
-    [b, s, h, t] softmax) the scores are laid out [b, h, s, t] (the dot's batch dims first, so
-    no transposes), the scale goes on q (as flax's dot_product_attention does), the mask is an
-    additive bias, and the softmax is normalised after the value einsum:
-    out = (exp(scores - max_t) @ v) / sum_t exp(scores - max_t).
+    heads) give the scores in one product (`attend`); the scale goes on q, as flax's
+    dot_product_attention does. Heads lead ([b, h, s, d]) so that the score products batch
+    over (b, h) without transposes.
     """
     nope = self.cfg.qk_nope_head_dim
-    kv = jnp.einsum("btc,chd->bthd", latent, w["wkv_b"])
+    kv = jnp.einsum("btc,chd->bhtd", latent, w["wkv_b"])
     k_nope, v = kv[..., :nope], kv[..., nope:]
-    k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:-1] + k_pe.shape[-1:])
+    k_pe = jnp.broadcast_to(k_pe[:, None], k_nope.shape[:-1] + k_pe.shape[-1:])
     q = jnp.concatenate([q_nope, q_pe], axis=-1) * softmax_scale(self.cfg)
     k = jnp.concatenate([k_nope, k_pe], axis=-1)
-    scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32)
-    scores += jnp.where(mask, 0.0, _NEG_INF)[:, None]
-    # The max only shifts the exponent (softmax is shift-invariant): no gradient through it.
-    unnormalised = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    out = jnp.einsum(
-      "bhst,bthd->bhsd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-    out = (out / unnormalised.sum(axis=-1, keepdims=True)).astype(v.dtype)
+    out = attend(q.transpose(0, 2, 1, 3), k, v, mask)
     return jnp.einsum("bhsd,hdm->bsm", out, w["wo"])
 
   def _absorbed(self, w, q_nope, q_pe, latent, k_pe, mask):
