@@ -292,19 +292,22 @@ def batch_sharding(mesh: Mesh, rules: AxisRules, ndim: int = 2) -> NamedSharding
 
 
 def cache_shardings(cache: Any, mesh: Mesh, rules: AxisRules) -> Any:
-  """Shardings of the decode cache: latent and RoPE key ([..., b, t, dim]) split on the batch dim
-  like the batch; the write index (a scalar per layer) replicated. The cache has no head axis
-  (MLA caches the shared latent), so `tensor` does not split it."""
+  """Shardings of the decode cache: latent and RoPE key ([..., b, t, dim]) and the slot validity
+  ([..., b, t]) split on the batch dim like the batch; the write index (a scalar per layer)
+  replicated. The cache has no head axis (MLA caches the shared latent), so `tensor` does not
+  split it."""
   lead = batch_sharding(mesh, rules).spec[0]
+  trailing = {"latent": 2, "rope_key": 2, "valid": 1}  # dims after the batch dim
 
-  def pick(leaf):
-    if leaf.ndim < 3:
+  def pick(path, leaf):
+    name = _dict_keys(path)[-1] if _dict_keys(path) else ""
+    if name not in trailing:
       return NamedSharding(mesh, PartitionSpec())
     dims = [None] * leaf.ndim
-    dims[leaf.ndim - 3] = lead
+    dims[leaf.ndim - 1 - trailing[name]] = lead
     return NamedSharding(mesh, PartitionSpec(*dims))
 
-  return jax.tree.map(pick, cache)
+  return jax.tree_util.tree_map_with_path(pick, cache)
 
 
 def _dict_keys(path) -> tuple[str, ...]:

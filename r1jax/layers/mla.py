@@ -251,7 +251,7 @@ class MLA(nn.Module):
     q_nope, q_pe = self.queries(w, x, positions)
     latent, k_pe = self.latent(w, x, positions)
     if self.decode and self.has_variable("cache", "latent"):
-      return self._decode(w, q_nope, q_pe, latent, k_pe)
+      return self._decode(w, q_nope, q_pe, latent, k_pe, segment_ids)
     if self.decode:  # The init call that creates the cache.
       self._cache_variables(latent.shape[:2], latent.dtype)
     mask = attention_mask(positions, positions, segment_ids, segment_ids)
@@ -294,16 +294,22 @@ class MLA(nn.Module):
       "cache", "rope_key", jnp.zeros, (b, length, cfg.qk_rope_head_dim), dtype
     )
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    return latent, rope_key, index
+    # Which slots hold real tokens: a left-padded prompt's padding is written but never read.
+    valid = self.variable("cache", "valid", jnp.zeros, (b, length), jnp.bool_)
+    return latent, rope_key, index, valid
 
-  def _decode(self, w, q_nope, q_pe, latent, k_pe):
+  def _decode(self, w, q_nope, q_pe, latent, k_pe, segment_ids=None):
     """Appends s new tokens at the cache index and attends over everything cached so far.
 
-    The new tokens' RoPE positions came with the queries (normally index + arange(s)); the cache
-    slot is the index, shared by the batch.
+    The new tokens' RoPE positions came with the queries (normally index + arange(s); a
+    left-padded row counts from its first real token); the cache slot is the index, shared by
+    the batch. segment_ids [b, s]: 0 marks padding, whose slots no later query attends to
+    (None: all real).
     """
-    latent_cache, rope_cache, index = self._cache_variables(latent.shape[:2], latent.dtype)
+    latent_cache, rope_cache, index, valid = self._cache_variables(latent.shape[:2], latent.dtype)
     start = index.value
+    real = jnp.ones(latent.shape[:2], jnp.bool_) if segment_ids is None else segment_ids > 0
+    valid.value = jax.lax.dynamic_update_slice_in_dim(valid.value, real, start, axis=1)
     latent_cache.value = jax.lax.dynamic_update_slice_in_dim(
       latent_cache.value, latent.astype(latent_cache.value.dtype), start, axis=1
     )
@@ -315,5 +321,5 @@ class MLA(nn.Module):
     b, length = latent_cache.value.shape[:2]
     slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     query_slots = start + jnp.broadcast_to(jnp.arange(new, dtype=jnp.int32), (b, new))
-    mask = attention_mask(query_slots, slots, k_valid=slots < index.value)
+    mask = attention_mask(query_slots, slots, k_valid=(slots < index.value) & valid.value)
     return self._absorbed(w, q_nope, q_pe, latent_cache.value, rope_cache.value, mask)
