@@ -99,3 +99,57 @@ def test_bad_config_fields_are_named():
     grpo.GRPOConfig(kl_estimator="k1")
   with pytest.raises(ValueError, match="^group_size: "):
     grpo.GRPOConfig(group_size=1)
+
+
+def test_policy_update_raises_the_probability_of_positive_advantage_completions():
+  """Two completions of one prompt, advantages +1 and -1: after a few updates the first is more
+  likely and the second less, and the loss's log-probs are the generator's recomputed ones."""
+  import optax
+  from flax.linen import meta
+
+  from r1jax import ModelConfig
+  from r1jax.generate import sequence_logprobs
+  from r1jax.model import Transformer
+  from r1jax.train.step import TrainState
+
+  cfg = ModelConfig.from_preset("tiny", dtype="float32", num_nextn_predict_layers=0)
+  model = Transformer(cfg)
+  tokens = jnp.asarray([[10, 11, 12, 20, 21, 3], [10, 11, 12, 30, 31, 3]], jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6))
+  segments = jnp.ones((2, 6), jnp.int32)
+  variables = meta.unbox(model.init(jax.random.key(0), tokens))
+  optimizer = optax.adam(1e-3)
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    router_bias=variables["router_bias"],
+    opt_state=optimizer.init(variables["params"]),
+  )
+  mask = jnp.asarray([[0, 0, 1, 1, 1]] * 2)  # targets 20 21 EOS / 30 31 EOS
+  temperature = 0.7
+
+  def logp_of(state):
+    v = {"params": state.params, "router_bias": state.router_bias}
+    got = grpo.completion_logprobs(model, v, tokens, positions, segments, temperature)
+    want = sequence_logprobs(model, v, tokens, positions, segments, temperature)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    return np.asarray((got * mask).sum(axis=-1))
+
+  before = logp_of(state)
+  cfg_grpo = grpo.GRPOConfig(group_size=2, beta=0.0)
+  update = grpo.make_policy_update(model, optimizer, cfg_grpo, temperature)
+  batch = {
+    "tokens": tokens,
+    "positions": positions,
+    "segment_ids": segments,
+    "mask": mask,
+    "advantages": jnp.asarray([1.0, -1.0]),
+    "ref_logp": jnp.zeros((2, 5)),
+  }
+  for _ in range(3):
+    v = {"params": state.params, "router_bias": state.router_bias}
+    batch["old_logp"] = grpo.completion_logprobs(model, v, tokens, positions, segments, temperature)
+    state, metrics = update(state, batch)
+  after = logp_of(state)
+  assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1, (before, after)
+  assert int(state.step) == 3 and np.isfinite(float(metrics["grad_norm"]))

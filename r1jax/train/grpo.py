@@ -159,3 +159,51 @@ def token_entropy(logits, mask):
   entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
   m = mask.astype(jnp.float32)
   return jnp.sum(entropy * m) / jnp.maximum(m.sum(), 1.0)
+
+
+# ------------------------------------------------------------------------ the policy update
+
+
+def completion_logprobs(model, variables, tokens, positions, segment_ids, temperature: float):
+  """log softmax(logits / T) of tokens[:, t] given tokens[:, :t], at t = 1..s-1 -> [N, s - 1]
+  (the sampler's tempered distribution, as `r1jax.generate` reports it; T 0 reads as 1)."""
+  logits = model.apply(variables, tokens, positions, segment_ids)
+  t = temperature if temperature > 0 else 1.0
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / t, axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def make_policy_update(model, optimizer, cfg: GRPOConfig, temperature: float):
+  """A jitted (state, batch) -> (state, metrics): one optimizer step on the GRPO loss.
+
+  `state` is r1jax.train.step.TrainState (the router bias is kept as is: RL leaves the
+  correction bias alone). `batch` holds, for N = P * G rollouts of S = prompt + completion
+  slots (prompts left-padded):
+    tokens, positions, segment_ids  int32 [N, S]   (segment_ids 0 on padding)
+    mask         int32 [N, S - 1]  1 where target token t + 1 is a counted completion token
+    old_logp     float32 [N, S - 1] the rollout policy's log-probs of the targets
+    ref_logp     float32 [N, S - 1] the reference's (ignored when beta is 0)
+    advantages   float32 [N]
+  """
+
+  def loss_fn(params, state, batch):
+    variables = {"params": params, "router_bias": state.router_bias}
+    logp = completion_logprobs(
+      model, variables, batch["tokens"], batch["positions"], batch["segment_ids"], temperature
+    )
+    ref = batch["ref_logp"] if cfg.beta > 0 else None
+    loss, metrics = grpo_loss(logp, batch["old_logp"], ref, batch["advantages"], batch["mask"], cfg)
+    return loss, metrics
+
+  def update(state, batch):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(update)
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
