@@ -61,16 +61,18 @@ def test_sft_one_step_counts_only_the_response(tmp_path):
     jax.random.key(TRAIN.seed), jnp.zeros((2, 32), jnp.int32)
   )
   args = [jnp.asarray(batch[k]) for k in ("tokens", "targets")]
-  loss = lambda mask: loss_fn(  # noqa: E731
-    state.params,
-    state.router_bias,
-    model,
-    args[0],
-    mask,
-    TRAIN.loss_config(),
-    jnp.asarray(batch["positions"]),
-    jnp.asarray(batch["segment_ids"]),
-  )[1][0]["lm_loss"]
+  loss = jax.jit(
+    lambda mask: loss_fn(  # noqa: E731
+      state.params,
+      state.router_bias,
+      model,
+      args[0],
+      mask,
+      TRAIN.loss_config(),
+      jnp.asarray(batch["positions"]),
+      jnp.asarray(batch["segment_ids"]),
+    )[1][0]["lm_loss"]
+  )
   assert rows[0]["lm_loss"] == pytest.approx(float(loss(args[1])), rel=1e-5)
   assert batch["targets"].sum() < (batch["segment_ids"] > 0).sum()  # prompts are in the batch
   unmasked = float(loss((jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.int32)))

@@ -97,9 +97,9 @@ def test_lm_losses_from_features_equal_the_losses_of_the_model_logits():
   seg = jnp.asarray([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2], jnp.int32)
   pos = jnp.asarray([list(range(7)) + list(range(5)), list(range(10)) + [0, 0]], jnp.int32)
   mask = (seg > 0).astype(jnp.int32)
-  variables = model.init(jax.random.key(0), tokens)
-  logits, mtp_logits = model.apply(variables, tokens, pos, seg, mtp=True)
-  h, mtp_h, head = model.apply(variables, tokens, pos, seg, method="features")
+  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  logits, mtp_logits = jax.jit(lambda v: model.apply(v, tokens, pos, seg, mtp=True))(variables)
+  h, mtp_h, head = jax.jit(lambda v: model.apply(v, tokens, pos, seg, method="features"))(variables)
   for chunk in (0, 5):
     lm, mtp = losses.lm_losses(h, mtp_h, head, tokens, mask, seg, chunk)
     assert float(lm) == pytest.approx(
@@ -127,12 +127,15 @@ def test_router_z_loss_is_mean_squared_logsumexp_and_weighted_into_the_total():
 
   model = Transformer(cfg)
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 12)), jnp.int32)
-  v = meta.unbox(model.init(jax.random.key(0), tokens))
-  off, (m_off, _) = loss_fn(v["params"], v["router_bias"], model, tokens, None, LossConfig())
-  on, (m_on, _) = loss_fn(
-    v["params"], v["router_bias"], model, tokens, None, LossConfig(router_z_weight=0.5)
+  v = meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens))
+  losses_at = jax.jit(
+    lambda v, w: loss_fn(
+      v["params"], v["router_bias"], model, tokens, None, LossConfig(0.3, 1e-3, 0, w)
+    )
   )
-  _, all_stats = model.apply(v, tokens, mtp=True, mutable=["moe_stats"])
+  off, (m_off, _) = losses_at(v, 0.0)
+  on, (m_on, _) = losses_at(v, 0.5)
+  _, all_stats = jax.jit(lambda v: model.apply(v, tokens, mtp=True, mutable=["moe_stats"]))(v)
   z = [leaf.reshape(-1) for p, leaf in traverse(all_stats) if p[-1] == "router_z"]
   assert len(np.concatenate(z)) == cfg.num_moe_layers + cfg.num_nextn_predict_layers
   assert float(m_on["router_z_loss"]) == pytest.approx(float(np.mean(np.concatenate(z))), rel=1e-6)
