@@ -1,0 +1,37 @@
+"""Held-out metrics against values counted by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from r1jax.train.evaluation import pass_at_k, summarize
+
+
+def test_pass_at_k_estimator():
+  assert pass_at_k(4, 0, 2) == 0.0
+  assert pass_at_k(4, 3, 2) == 1.0  # any 2 of 4 include a correct one
+  assert pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))  # 0.5
+  assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)  # pass@1 is the correct fraction
+  with pytest.raises(ValueError, match="^pass_at_k: need"):
+    pass_at_k(3, 1, 4)
+
+
+def test_summary_by_hand():
+  correct = [[1, 0, 0, 1], [0, 0, 0, 0]]
+  formed = [[1, 1, 0, 1], [1, 0, 0, 0]]
+  think = [[1, 1, 1, 1], [0, 0, 0, 1]]
+  lengths = [[10, 20, 30, 40], [5, 5, 5, 5]]
+  got = summarize(correct, formed, think, lengths, greedy_correct=[1, 0])
+  assert got["pass@1"] == pytest.approx(2 / 8)
+  assert got["pass@k"] == pytest.approx((1.0 + 0.0) / 2)  # k = n = 4: any correct
+  assert got["greedy_acc"] == 0.5
+  assert got["format_rate"] == pytest.approx(4 / 8) and got["think_rate"] == pytest.approx(5 / 8)
+  assert got["mean_length"] == pytest.approx(120 / 8)
+  assert got["mean_length_correct"] == pytest.approx(25.0)
+  assert got["mean_length_incorrect"] == pytest.approx((20 + 30 + 20) / 6)
+  assert summarize(correct, formed, think, lengths, k=2)["pass@k"] == pytest.approx(
+    (1 - math.comb(2, 2) / math.comb(4, 2)) / 2
+  )
+  none_right = summarize(np.zeros((1, 2)), [[1, 1]], [[1, 1]], [[3, 4]])
+  assert math.isnan(none_right["mean_length_correct"]) and "greedy_acc" not in none_right
