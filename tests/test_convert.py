@@ -101,6 +101,7 @@ def test_convert_cli_refuses_bad_input_without_writing(hf_dir, tmp_path):
   assert os.listdir(busy) == ["keep.txt"] and (busy / "keep.txt").read_text() == "trained"
 
 
+@pytest.mark.slow  # end to end; CI's fast suite must stay well inside its time
 def test_converted_weights_are_loaded_by_pretrain_init_from(hf_dir, tmp_path):
   """The CLI converts, then the experiment starts from those weights: its step-0 loss is the
   loss of the HF model's weights on the first batch."""

@@ -13,6 +13,7 @@ from r1jax.train.loop import TrainConfig, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # end to end; CI's fast suite must stay well inside its time
 def test_pretrain_library_call_lowers_the_loss():
   cfg = ModelConfig.from_preset("tiny")
   lines = []

@@ -119,6 +119,7 @@ def test_losses_shift_targets():
   assert float(mtp_loss(mtp, tokens)) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # end to end; CI's fast suite must stay well inside its time
 def test_tiny_model_overfits_one_batch_with_mtp():
   """Loss (LM + 0.3 MTP + balance) falls by > 90% within 300 steps on one fixed batch."""
   model = Transformer(TINY)

@@ -163,6 +163,7 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(reference, tmp
   assert _losses(workdir) == _losses(reference)
 
 
+@pytest.mark.slow  # end to end; CI's fast suite must stay well inside its time
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "nan")
   proc = _pretrain(workdir, "--learning_rate=1e30", "--save_every=1")
