@@ -35,3 +35,28 @@ def test_summary_by_hand():
   )
   none_right = summarize(np.zeros((1, 2)), [[1, 1]], [[1, 1]], [[3, 4]])
   assert math.isnan(none_right["mean_length_correct"]) and "greedy_acc" not in none_right
+
+
+def test_evaluate_scores_reference_replies_from_a_model_that_cannot_answer():
+  """A random tiny model answers nothing: every accuracy 0, lengths within the budget; the
+  metrics all there and fractions."""
+  import jax
+  import jax.numpy as jnp
+  from flax.linen import meta
+
+  from r1jax import ModelConfig
+  from r1jax.data.tasks import TASKS
+  from r1jax.model import Transformer
+  from r1jax.train.evaluation import evaluate
+
+  cfg = ModelConfig.from_preset("tiny", dtype="float32", num_nextn_predict_layers=0)
+  variables = meta.unbox(
+    jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  )
+  got = evaluate(
+    cfg, variables, TASKS["addition"], num_problems=3, samples=2, max_new_tokens=6, seed=1
+  )
+  assert got["pass@1"] == 0.0 and got["pass@k"] == 0.0 and got["greedy_acc"] == 0.0
+  assert 1 <= got["mean_length"] <= 6
+  for name in ("format_rate", "think_rate"):
+    assert 0.0 <= got[name] <= 1.0

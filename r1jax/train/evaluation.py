@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
+
+from r1jax.data.tasks import parse_completion, sample_problems
+from r1jax.data.tokenizer import ByteTokenizer
+from r1jax.generate import Generator, SamplingConfig, pad_prompts
+from r1jax.train.rewards import decode_completion
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -48,3 +54,57 @@ def summarize(correct, well_formed, has_think, lengths, greedy_correct=None, k: 
   if greedy_correct is not None:
     out["greedy_acc"] = float(np.mean(np.asarray(greedy_correct, bool)))
   return out
+
+
+def evaluate(
+  model_cfg,
+  variables,
+  task,
+  *,
+  num_problems: int = 64,
+  samples: int = 4,
+  temperature: float = 0.6,
+  top_p: float = 0.95,
+  max_prompt_len: int = 16,
+  max_new_tokens: int = 48,
+  seed: int = 0,
+  tokenizer=None,
+) -> dict[str, float]:
+  """`summarize` of `samples` replies (temperature, top-p) and one greedy reply to each of the
+  first `num_problems` problems of the task's held-out split for `seed`."""
+  tokenizer = tokenizer or ByteTokenizer()
+  problems = sample_problems(task, seed, "test", num_problems)
+  generator = Generator(
+    model_cfg,
+    max_prompt_len=max_prompt_len,
+    max_new_tokens=max_new_tokens,
+    eos_id=tokenizer.eos_id,
+    pad_id=tokenizer.pad_id or 0,
+  )
+
+  def replies(repeat: int, sampling, key):
+    encoded = [tokenizer.encode(p.prompt) for p in problems for _ in range(repeat)]
+    prompts, lengths = pad_prompts(encoded, max_prompt_len, generator.pad_id)
+    gen = jax.device_get(generator(variables, prompts, lengths, key, sampling))
+    texts = [decode_completion(row, tokenizer) for row in np.asarray(gen.tokens)]
+    return texts, np.asarray(gen.lengths)
+
+  texts, lengths = replies(samples, SamplingConfig(temperature, top_p=top_p), jax.random.key(seed))
+  greedy, _ = replies(1, SamplingConfig(temperature=0.0), jax.random.key(seed))
+  owner = [problems[i // samples] for i in range(len(texts))]
+  parsed = [parse_completion(t) for t in texts]
+  correct = [_correct(task, o, p) for o, p in zip(owner, parsed, strict=True)]
+  greedy_parsed = [parse_completion(t) for t in greedy]
+  greedy_correct = [_correct(task, o, p) for o, p in zip(problems, greedy_parsed, strict=True)]
+  shape = (len(problems), samples)
+  return summarize(
+    np.reshape(correct, shape),
+    np.reshape([p.well_formed for p in parsed], shape),
+    np.reshape([p.think is not None for p in parsed], shape),
+    lengths.reshape(shape),
+    greedy_correct,
+  )
+
+
+def _correct(task, problem, parsed) -> bool:
+  return parsed.answer is not None and task.verify(problem, parsed.answer)
