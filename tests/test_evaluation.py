@@ -60,3 +60,44 @@ def test_evaluate_scores_reference_replies_from_a_model_that_cannot_answer():
   assert 1 <= got["mean_length"] <= 6
   for name in ("format_rate", "think_rate"):
     assert 0.0 <= got[name] <= 1.0
+
+
+def test_evaluate_cli_prints_the_metrics_and_names_bad_input(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  import jax
+  import jax.numpy as jnp
+  from flax.linen import meta
+
+  from r1jax import ModelConfig
+  from r1jax.checkpoint import save_weights
+  from r1jax.model import Transformer
+
+  cfg = ModelConfig.from_preset("tiny", dtype="float32")
+  variables = meta.unbox(
+    jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  )
+  save_weights(str(tmp_path / "w"), cfg, variables)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(*flags):
+    return subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", *flags],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+  proc = run(
+    f"--init_from={tmp_path / 'w'}", "--num_problems=2", "--samples=2", "--max_new_tokens=4"
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got["task"] == "addition" and got["pass@1"] == 0.0 and "greedy_acc" in got
+  bad = run("--init_from=/nope")
+  assert bad.returncode == 2 and bad.stderr.startswith("error: --init_from: /nope: not an r1jax")
