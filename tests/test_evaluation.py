@@ -62,6 +62,7 @@ def test_evaluate_scores_reference_replies_from_a_model_that_cannot_answer():
     assert 0.0 <= got[name] <= 1.0
 
 
+@pytest.mark.slow  # two child processes; evaluate() itself is tested above
 def test_evaluate_cli_prints_the_metrics_and_names_bad_input(tmp_path):
   import json
   import os

@@ -7,7 +7,7 @@ import pytest
 from experiments.benchmarks import train_step
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_tiny_run_trains_the_same_model_and_ends_with_the_ratio(scan_layers):
   """r1jax's layers unrolled (the benchmark's default: the stacked initial state is unrolled
   for it) or scanned."""

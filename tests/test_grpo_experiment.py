@@ -1,0 +1,72 @@
+"""experiments.grpo end to end for 2 iterations on a tiny model, and its refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax.linen import meta
+
+from r1jax import ModelConfig
+from r1jax.checkpoint import load_weights, save_weights
+from r1jax.model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*flags):
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.grpo", *flags],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  cfg = ModelConfig.from_preset("tiny", dtype="float32", num_nextn_predict_layers=0)
+  variables = meta.unbox(
+    jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  )
+  return save_weights(str(tmp_path_factory.mktemp("w") / "base"), cfg, variables)
+
+
+def test_two_iterations_write_metrics_and_final_weights(weights, tmp_path):
+  workdir = tmp_path / "run"
+  proc = _run(
+    f"--init_from={weights}",
+    f"--workdir={workdir}",
+    "--iterations=2",
+    "--prompts_per_iteration=2",
+    "--group_size=2",
+    "--max_new_tokens=4",
+    "--log_every=1",
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["iteration"] for r in rows] == [0, 1]
+  assert {"reward/accuracy", "reward/format_think", "zero_std_groups", "kl"} <= set(rows[0])
+  assert (workdir / "flags.txt").read_text().count("--group_size=2") == 1
+  cfg, trained = load_weights(str(workdir / "final"))
+  assert cfg.num_nextn_predict_layers == 0 and "params" in trained
+
+
+@pytest.mark.slow  # a child process each; the library's own checks are tested in the fast suite
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--rewards=bogus:1", "error: --rewards: 'bogus:1' is not NAME:WEIGHT"),
+    ("--loss_aggregation=mean", "error: loss_aggregation: unknown 'mean'"),
+    ("--temperature=0", "error: temperature: GRPO samples"),
+  ],
+)
+def test_bad_flags_exit_2(weights, tmp_path, flag, message):
+  proc = _run(f"--init_from={weights}", f"--workdir={tmp_path / 'run'}", flag)
+  assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+  assert not (tmp_path / "run").exists()
