@@ -1,10 +1,10 @@
 """The other benchmarks run end to end at toy sizes (their figures come from full-size runs)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.cli import run_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,13 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   ],
 )
 def test_benchmark_runs_and_reports(module, args, last):
-  proc = subprocess.run(
-    [sys.executable, "-m", f"experiments.benchmarks.{module}", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  proc = run_module(f"experiments.benchmarks.{module}", *args, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1].startswith(last), proc.stdout

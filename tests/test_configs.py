@@ -3,12 +3,11 @@ uses a mesh that the memory plan says fits on v5p."""
 
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 
 from r1jax import ModelConfig, memory_plan, sharding
+from tests.cli import run_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.flags")))
@@ -61,20 +60,7 @@ def test_pretrain_accepts_every_flag_of_the_pinned_configs(name, tmp_path):
   corpus = tmp_path / "corpus.jsonl"
   corpus.write_text('{"text": "hello"}\n')
   extra = ["--num_steps=0"] if name == "small_cpu.flags" else [f"--data_files={corpus}"]
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.pretrain",
-      f"--flagfile=experiments/configs/{name}",
-      *extra,
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  proc = run_module("experiments.pretrain", f"--flagfile=experiments/configs/{name}", *extra)
   assert proc.returncode == 2, proc.stderr
   want = "num_steps: must be positive" if name == "small_cpu.flags" else "--mesh: data=1,fsdp=32"
   assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and want in proc.stderr

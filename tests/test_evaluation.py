@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from r1jax.train.evaluation import pass_at_k, summarize
+from tests.cli import run_module
 
 
 def test_pass_at_k_estimator():
@@ -65,9 +66,6 @@ def test_evaluate_scores_reference_replies_from_a_model_that_cannot_answer():
 @pytest.mark.slow  # two child processes; evaluate() itself is tested above
 def test_evaluate_cli_prints_the_metrics_and_names_bad_input(tmp_path):
   import json
-  import os
-  import subprocess
-  import sys
 
   import jax
   import jax.numpy as jnp
@@ -82,17 +80,9 @@ def test_evaluate_cli_prints_the_metrics_and_names_bad_input(tmp_path):
     jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   )
   save_weights(str(tmp_path / "w"), cfg, variables)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
   def run(*flags):
-    return subprocess.run(
-      [sys.executable, "-m", "experiments.evaluate", *flags],
-      cwd=root,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    return run_module("experiments.evaluate", *flags, timeout=300)
 
   proc = run(
     f"--init_from={tmp_path / 'w'}", "--num_problems=2", "--samples=2", "--max_new_tokens=4"

@@ -2,13 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from r1jax import ModelConfig
 from r1jax.train.loop import TrainConfig, train
+from tests.cli import run_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,14 +57,7 @@ def bad_flag_results():
   """Every BAD_FLAGS set through experiments.pretrain's parser and main, in one child process
   (tests/flag_cases.py), keyed by the flag string."""
   cases = [flag.split() for flag, _ in BAD_FLAGS]
-  proc = subprocess.run(
-    [sys.executable, "-m", "tests.flag_cases", json.dumps(cases)],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  proc = run_module("tests.flag_cases", json.dumps(cases), timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
   return {" ".join(r["args"]): r for r in results}
@@ -82,14 +74,7 @@ def test_pretrain_bad_flags_exit_2_with_one_line(bad_flag_results, flag, message
 
 def test_a_bad_flag_exits_2_from_the_command_line_too():
   """The same path as a real invocation, once (the cases above run in one process)."""
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.pretrain", "--mesh=expert=3"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  proc = run_module("experiments.pretrain", "--mesh=expert=3")
   assert proc.returncode == 2
   assert proc.stderr.strip() == (
     "error: --mesh: expert=3 does not divide n_routed_experts=8 (of a MoE layer); choose a divisor"
@@ -116,28 +101,18 @@ def test_bad_flags_leave_an_existing_run_untouched(tmp_path):
   (workdir / "flags.txt").write_text("--preset=tiny\n")
   (workdir / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
   before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.iterdir()}
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}"]
-    + ["--data_source=jsonl", "--data_files=/nope.jsonl"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  proc = run_module(
+    "experiments.pretrain",
+    f"--workdir={workdir}",
+    "--data_source=jsonl",
+    "--data_files=/nope.jsonl",
   )
   assert proc.returncode == 2 and proc.stderr.startswith("error: --data_files: no such file")
   assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.iterdir()} == before
 
 
 def test_sft_refuses_a_plain_text_source():
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.sft", "--data_source=text", "--data_files=README.md"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  proc = run_module("experiments.sft", "--data_source=text", "--data_files=README.md")
   assert proc.returncode == 2
   assert proc.stderr.startswith("error: --data_source: sft trains on prompt/response pairs")
 
@@ -159,14 +134,7 @@ def test_resuming_with_a_different_model_is_refused_untouched(tmp_path):
   }
   (workdir / "config.json").write_text(json.dumps(stored))
   before = {p.name: p.read_bytes() for p in workdir.iterdir()}
-  proc = subprocess.run(
-    [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}", "--preset=small"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  proc = run_module("experiments.pretrain", f"--workdir={workdir}", "--preset=small")
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.startswith(f"error: --workdir: {workdir} holds a run made with vocab_size=256")
   assert "(now 8192)" in proc.stderr and f"--flagfile={workdir}/flags.txt" in proc.stderr

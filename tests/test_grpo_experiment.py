@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,19 +11,13 @@ from flax.linen import meta
 from r1jax import ModelConfig
 from r1jax.checkpoint import load_weights, save_weights
 from r1jax.model import Transformer
+from tests.cli import run_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*flags):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.grpo", *flags],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  return run_module("experiments.grpo", *flags, timeout=300)
 
 
 @pytest.fixture(scope="module")

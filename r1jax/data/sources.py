@@ -85,42 +85,39 @@ def _split_text(text: str, unit: str) -> list[str]:
   return [p for p in pieces if p.strip()]
 
 
-def _jsonl_documents(path: str, field: str) -> list[str]:
-  """The `field` string of each JSON object line of `path`; one-line errors name file:line."""
-  docs = []
+def _json_lines(path: str):
+  """(line number, parsed value) of each non-blank line of a JSONL file; a line that is not JSON
+  is a one-line error naming file:line."""
   for lineno, line in enumerate(_read_text(path).splitlines(), 1):
     if not line.strip():
       continue
     try:
-      record = json.loads(line)
+      yield lineno, json.loads(line)
     except json.JSONDecodeError as err:
       raise ValueError(f"--data_files: {path}:{lineno} is not valid JSON ({err.msg})") from None
-    value = record.get(field) if isinstance(record, dict) else None
-    if not isinstance(value, str):
-      raise ValueError(f"--jsonl_field: {path}:{lineno} has no string field {field!r}")
-    if value:
-      docs.append(value)
-  return docs
+
+
+def _string_field(path: str, lineno: int, record, field: str, flag: str) -> str:
+  value = record.get(field) if isinstance(record, dict) else None
+  if not isinstance(value, str):
+    raise ValueError(f"--{flag}: {path}:{lineno} has no string field {field!r}")
+  return value
+
+
+def _jsonl_documents(path: str, field: str) -> list[str]:
+  """The `field` string of each JSON object line of `path`; one-line errors name file:line."""
+  docs = [_string_field(path, n, record, field, "jsonl_field") for n, record in _json_lines(path)]
+  return [d for d in docs if d]
 
 
 def _sft_records(path: str, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
   """(prompt, response) of each JSON object line of `path`; one-line errors name file:line."""
   records = []
-  for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as err:
-      raise ValueError(f"--data_files: {path}:{lineno} is not valid JSON ({err.msg})") from None
-    pair = []
-    for flag, field in (("prompt_field", prompt_field), ("response_field", response_field)):
-      value = record.get(field) if isinstance(record, dict) else None
-      if not isinstance(value, str):
-        raise ValueError(f"--{flag}: {path}:{lineno} has no string field {field!r}")
-      pair.append(value)
-    if pair[1]:
-      records.append((pair[0], pair[1]))
+  for n, record in _json_lines(path):
+    prompt = _string_field(path, n, record, prompt_field, "prompt_field")
+    response = _string_field(path, n, record, response_field, "response_field")
+    if response:
+      records.append((prompt, response))
   return records
 
 
