@@ -21,6 +21,7 @@ from absl import app, flags
 
 from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
 from experiments.flagfile import replayable_flags
+from r1jax import host_memory
 from r1jax.checkpoint import load_weights, read_config, save_weights
 from r1jax.data.tasks import TASKS
 from r1jax.train import grpo
@@ -70,6 +71,7 @@ def reward_set(spec: str) -> RewardSet:
 def main(argv):
   if len(argv) > 1:
     exit_on_bad_input(f"unexpected arguments {argv[1:]}; pass everything as --flag=value")
+  host_memory.retain_freed_memory_on_cpu()  # before XLA's threads start
   try:
     if not FLAGS.init_from:
       raise ValueError("--init_from: GRPO starts from a pretrained model; name its weights or run")

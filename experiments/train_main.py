@@ -17,7 +17,7 @@ from absl import flags, logging
 
 from experiments.flag_errors import exit_on_bad_input
 from experiments.flagfile import replayable_flags
-from r1jax import ModelConfig, distributed, param_count, sharding
+from r1jax import ModelConfig, distributed, host_memory, param_count, sharding
 from r1jax.checkpoint import load_weights, read_config
 from r1jax.data.pipeline import SOURCES, DataConfig, make_pipeline
 from r1jax.train import trainer
@@ -202,6 +202,7 @@ def main(argv, job: str) -> None:
     exit_on_bad_input(f"unexpected arguments {argv[1:]}; pass everything as --flag=value")
   if not FLAGS["verbosity"].present:  # orbax logs every save step at INFO
     logging.set_verbosity(logging.WARNING)
+  host_memory.retain_freed_memory_on_cpu()  # before XLA's threads start: see r1jax/host_memory.py
   try:
     if job == "sft" and FLAGS.data_source != "sft":
       raise ValueError(
