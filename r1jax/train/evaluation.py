@@ -19,7 +19,7 @@ import math
 import jax
 import numpy as np
 
-from r1jax.data.tasks import parse_completion, sample_problems
+from r1jax.data.tasks import THINK_OPEN, parse_completion, sample_problems
 from r1jax.data.tokenizer import ByteTokenizer
 from r1jax.generate import Generator, SamplingConfig, pad_prompts
 from r1jax.train.rewards import decode_completion
@@ -103,6 +103,38 @@ def evaluate(
     np.reshape([p.think is not None for p in parsed], shape),
     lengths.reshape(shape),
     greedy_correct,
+  )
+
+
+def think_accuracy(
+  model_cfg,
+  variables,
+  task,
+  *,
+  num_problems: int = 64,
+  max_prompt_len: int = 24,
+  max_new_tokens: int = 48,
+  seed: int = 0,
+  tokenizer=None,
+) -> float:
+  """Greedy accuracy on the held-out problems when the reply is started with `<think>`: how well
+  the model's chain of thought works, whether or not it chooses to think. RL mostly switches a
+  model into thinking, so this bounds what R1-Zero-style RL can reach."""
+  tokenizer = tokenizer or ByteTokenizer()
+  problems = sample_problems(task, seed, "test", num_problems)
+  generator = Generator(
+    model_cfg,
+    max_prompt_len=max_prompt_len,
+    max_new_tokens=max_new_tokens,
+    eos_id=tokenizer.eos_id,
+    pad_id=tokenizer.pad_id or 0,
+  )
+  encoded = [tokenizer.encode(p.prompt + THINK_OPEN) for p in problems]
+  prompts, lengths = pad_prompts(encoded, max_prompt_len, generator.pad_id)
+  gen = generator(variables, prompts, lengths, jax.random.key(seed), SamplingConfig(temperature=0))
+  texts = [THINK_OPEN + decode_completion(row, tokenizer) for row in np.asarray(gen.tokens)]
+  return float(
+    np.mean([_correct(task, p, parse_completion(t)) for p, t in zip(problems, texts, strict=True)])
   )
 
 

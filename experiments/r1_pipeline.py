@@ -1,0 +1,452 @@
+r"""The R1 recipe in miniature, end to end: the project's main job.
+
+  python -m experiments.r1_pipeline                     # experiments/configs/r1_pipeline_cpu.flags
+  python -m experiments.r1_pipeline --seed=1 --workdir=/tmp/r1_seed1
+
+On carry-chain addition (a+b= with 3-4 digit operands, byte tokens), in `--workdir`:
+  base               pretrain an MLA + MoE teacher (the `tiny` preset) on a corpus that answers
+                     directly most of the time and shows the digit-by-digit scratchpad inside
+                     <think> in `--think_fraction` of the documents
+  r1_zero            GRPO from base, accuracy + format (<think> required) rewards
+  cold_start_sft     SFT of base on a few hundred reference chains of thought
+  reasoning_grpo     GRPO from cold_start_sft, accuracy + language-consistency rewards
+  rejection_sampling samples of reasoning_grpo on training problems, kept when correct, well
+                     formed and in the target notation (r1jax.train.rejection)
+  rejection_sft      SFT restarting from base on the kept samples
+  student_base       a dense student (no MoE, no MTP) pretrained on the same corpus
+  student_distilled  student_base fine-tuned on the teacher's kept samples
+Every stage is evaluated on the same held-out problems (`--eval_seed`): pass@1 over
+`--eval_samples` samples at T=0.6 / top-p 0.95, pass@k, greedy accuracy, think rate, format rate
+and mean length. The table is printed at the end; `results.json` holds {stage: {metric:
+value}} plus each stage's seconds; `plots/rl_curves.png` shows both GRPO stages per iteration.
+
+Each stage directory has its run record, metrics, checkpoint or data and `final/` weights
+(r1jax.train.stages); a killed pipeline rerun with the same flags skips the finished stages.
+Before RL the base model's accuracy when it thinks is checked: RL switches a model into thinking
+and needs a scratchpad that already works, so a base below `--min_think_accuracy` is reported
+as such instead of presenting a failed RL stage as a result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+from absl import app, flags, logging
+
+from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
+from experiments.flagfile import replayable_flags
+from r1jax import ModelConfig, host_memory
+from r1jax.data.tasks import THINK_OPEN, AdditionTask, corpus_documents, sample_problems
+from r1jax.train import grpo, stages
+from r1jax.train.evaluation import evaluate, think_accuracy
+from r1jax.train.loop import TrainConfig
+from r1jax.train.rejection import RejectionConfig, rejection_sample
+from r1jax.train.rewards import RewardSet
+from r1jax.train.rl import RLConfig
+
+STAGES = (
+  "base",
+  "r1_zero",
+  "cold_start_sft",
+  "reasoning_grpo",
+  "rejection_sampling",
+  "rejection_sft",
+  "student_base",
+  "student_distilled",
+)
+EVAL_METRICS = (
+  "pass@1",
+  "pass@k",
+  "greedy_acc",
+  "think_rate",
+  "format_rate",
+  "mean_length",
+  "think_acc",
+)
+R1_ZERO_REWARDS = {"accuracy": 1.0, "format_think": 1.0}
+REASONING_REWARDS = {"accuracy": 1.0, "language": 1.0}
+DEFAULT_FLAGFILE = os.path.join(os.path.dirname(__file__), "configs", "r1_pipeline_cpu.flags")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+  "workdir", "/tmp/r1jax_r1_pipeline", "Pipeline directory (resumed if it exists)."
+)
+flags.DEFINE_integer("seed", 0, "Seed of the weights, corpus, sampling and RL.")
+flags.DEFINE_integer("eval_seed", 1234, "Seed of the held-out problems (the same for every stage).")
+flags.DEFINE_integer("min_digits", 3, "Addition operands: fewest digits.")
+flags.DEFINE_integer("max_digits", 4, "Addition operands: most digits.")
+# --- models
+flags.DEFINE_string("teacher_preset", "tiny", "The MLA + MoE teacher's preset.")
+flags.DEFINE_list("teacher_overrides", [], "Teacher ModelConfig fields, KEY=VALUE,...")
+flags.DEFINE_list(
+  "student_overrides",
+  ["first_k_dense_replace=3", "num_nextn_predict_layers=0", "hidden_size=48"],
+  "Student ModelConfig fields over the teacher's (dense: every layer before the first MoE one).",
+)
+# --- corpus and pretraining
+flags.DEFINE_integer("corpus_size", 100_000, "Pretraining documents.")
+flags.DEFINE_float("think_fraction", 0.3, "Fraction of the corpus with the <think> scratchpad.")
+flags.DEFINE_integer("pretrain_steps", 1000, "Teacher pretraining steps.")
+flags.DEFINE_integer("student_pretrain_steps", 1000, "Student pretraining steps.")
+flags.DEFINE_integer("batch_size", 32, "Rows per training step (all training stages).")
+flags.DEFINE_integer("seq_len", 128, "Tokens per row (documents are packed).")
+flags.DEFINE_float("learning_rate", 3e-3, "Pretraining peak learning rate.")
+# --- SFT stages
+flags.DEFINE_integer("cold_start_examples", 512, "Reference chains of thought for the cold start.")
+flags.DEFINE_integer("sft_steps", 150, "Steps of each SFT stage.")
+flags.DEFINE_float("sft_learning_rate", 1e-3, "SFT peak learning rate.")
+# --- GRPO stages
+flags.DEFINE_integer("r1_zero_iterations", 80, "R1-Zero GRPO iterations.")
+flags.DEFINE_integer("reasoning_iterations", 40, "Reasoning GRPO iterations.")
+flags.DEFINE_integer("prompts_per_iteration", 16, "GRPO prompts per iteration.")
+flags.DEFINE_integer("group_size", 8, "GRPO samples per prompt (G).")
+flags.DEFINE_float("rl_learning_rate", 2e-4, "GRPO Adam learning rate.")
+flags.DEFINE_float("rl_temperature", 1.0, "GRPO sampling temperature.")
+flags.DEFINE_integer("max_new_tokens", 80, "Reply budget in tokens (RL, sampling, evaluation).")
+# --- rejection sampling and evaluation
+flags.DEFINE_integer("rejection_problems", 512, "Training problems sampled for rejection SFT.")
+flags.DEFINE_integer("rejection_samples", 4, "Samples per problem.")
+flags.DEFINE_integer("eval_problems", 128, "Held-out problems.")
+flags.DEFINE_integer("eval_samples", 4, "Samples per held-out problem (pass@1 averages them).")
+flags.DEFINE_float(
+  "min_think_accuracy", 0.3, "Below this base accuracy when thinking, RL is not expected to work."
+)
+_PROMPT_LEN = 12  # "dddd+dddd=": 10 bytes, left-padded
+
+
+def _overrides(items: list[str], flag: str) -> dict:
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--{flag}: {item!r} is not KEY=VALUE")
+    out[key] = json.loads(value) if value not in ("", "none") else None
+  return out
+
+
+def model_configs() -> tuple[ModelConfig, ModelConfig]:
+  teacher = ModelConfig.from_preset(
+    FLAGS.teacher_preset, **_overrides(FLAGS.teacher_overrides, "teacher_overrides")
+  )
+  student = ModelConfig.from_preset(
+    FLAGS.teacher_preset,
+    **{
+      **_overrides(FLAGS.teacher_overrides, "teacher_overrides"),
+      **_overrides(FLAGS.student_overrides, "student_overrides"),
+    },
+  )
+  if student.num_moe_layers:
+    raise ValueError(
+      "--student_overrides: the student must be dense; set first_k_dense_replace="
+      f"{student.num_hidden_layers}"
+    )
+  return teacher, student
+
+
+def train_config(steps: int, learning_rate: float, mtp: bool) -> TrainConfig:
+  return TrainConfig(
+    num_steps=steps,
+    batch_size=FLAGS.batch_size,
+    seq_len=FLAGS.seq_len,
+    learning_rate=learning_rate,
+    warmup_steps=min(50, steps // 10),
+    seed=FLAGS.seed,
+    log_every=max(steps // 10, 1),
+    mtp_weight=0.3 if mtp else 0.0,
+  )
+
+
+class Pipeline:
+  """Runs the stages in order, skipping the finished ones; collects their held-out metrics."""
+
+  def __init__(self, teacher: ModelConfig, student: ModelConfig, flags_text: str):
+    self.teacher, self.student, self.flags_text = teacher, student, flags_text
+    self.task = AdditionTask(min_digits=FLAGS.min_digits, max_digits=FLAGS.max_digits)
+    self.results: dict[str, dict] = {}
+    self.rl_history: dict[str, list[dict]] = {}
+
+  def dir(self, stage: str) -> str:
+    return os.path.join(FLAGS.workdir, stage)
+
+  # ------------------------------------------------------------------- evaluation
+  def evaluate(self, cfg, variables) -> dict[str, float]:
+    return evaluate(
+      cfg,
+      variables,
+      self.task,
+      num_problems=FLAGS.eval_problems,
+      samples=FLAGS.eval_samples,
+      max_prompt_len=_PROMPT_LEN,
+      max_new_tokens=FLAGS.max_new_tokens,
+      seed=FLAGS.eval_seed,
+    )
+
+  def think_accuracy(self, cfg, variables) -> float:
+    return think_accuracy(
+      cfg,
+      variables,
+      self.task,
+      num_problems=FLAGS.eval_problems,
+      max_prompt_len=_PROMPT_LEN + len(THINK_OPEN),
+      max_new_tokens=FLAGS.max_new_tokens,
+      seed=FLAGS.eval_seed,
+    )
+
+  # ------------------------------------------------------------------- stages
+  def run_stage(self, stage: str, body) -> dict:
+    done = stages.finished(self.dir(stage))
+    if done is not None:
+      print(f"== {stage}: finished earlier ({done.get('seconds', 0):.0f} s), skipped")
+      self.results[stage] = done
+      return done
+    print(f"== {stage}", flush=True)
+    os.makedirs(self.dir(stage), exist_ok=True)
+    started = time.perf_counter()
+    result = body()
+    result["seconds"] = time.perf_counter() - started
+    row = "  ".join(f"{k} {result[k]:.3f}" for k in EVAL_METRICS if k in result)
+    print(f"== {stage}: {row}  ({result['seconds']:.0f} s)", flush=True)
+    self.results[stage] = stages.finish(self.dir(stage), result)
+    return result
+
+  def corpus(self, count: int) -> list[dict[str, str]]:
+    block = 1000
+    docs = []
+    for b in range(math.ceil(count / block)):
+      docs += corpus_documents(self.task, FLAGS.seed, b, block, think_fraction=FLAGS.think_fraction)
+    return [{"text": d} for d in docs[:count]]
+
+  def pretrain(self, stage: str, cfg: ModelConfig, steps: int) -> dict:
+    tcfg = train_config(steps, FLAGS.learning_rate, cfg.num_nextn_predict_layers > 0)
+    variables = stages.train_stage(
+      self.dir(stage),
+      cfg,
+      tcfg,
+      self.corpus(FLAGS.corpus_size),
+      sft=False,
+      flags_text=self.flags_text,
+      save_every=max(steps // 4, 1),
+    )
+    result = self.evaluate(cfg, variables)
+    result["think_acc"] = self.think_accuracy(cfg, variables)
+    return result
+
+  def sft(self, stage: str, init: str, records: list[dict[str, str]]) -> dict:
+    cfg, variables = stages.final_weights(self.dir(init))
+    tcfg = train_config(FLAGS.sft_steps, FLAGS.sft_learning_rate, cfg.num_nextn_predict_layers > 0)
+    variables = stages.train_stage(
+      self.dir(stage),
+      cfg,
+      tcfg,
+      records,
+      sft=True,
+      flags_text=self.flags_text,
+      init_variables=variables,
+      save_every=max(FLAGS.sft_steps // 2, 1),
+    )
+    return self.evaluate(cfg, variables)
+
+  def grpo(self, stage: str, init: str, rewards: dict[str, float], iterations: int) -> dict:
+    cfg, variables = stages.final_weights(self.dir(init))
+    stages.restart(self.dir(stage))
+    rl_cfg = RLConfig(
+      iterations=iterations,
+      prompts_per_iteration=FLAGS.prompts_per_iteration,
+      max_prompt_len=_PROMPT_LEN,
+      max_new_tokens=FLAGS.max_new_tokens,
+      temperature=FLAGS.rl_temperature,
+      learning_rate=FLAGS.rl_learning_rate,
+      seed=FLAGS.seed,
+      log_every=max(iterations // 8, 1),
+    )
+    grpo_cfg = grpo.GRPOConfig(group_size=FLAGS.group_size)
+
+    def log(row):
+      if row["iteration"] % rl_cfg.log_every == 0 or row["iteration"] + 1 == iterations:
+        print(
+          f"  iteration {row['iteration']:4d}/{iterations}  reward {row['reward/total']:.3f}  "
+          f"think {row['think_rate']:.2f}  length {row['length']:.1f}  kl {row['kl']:.4f}",
+          flush=True,
+        )
+
+    variables, history = stages.grpo_stage(
+      self.dir(stage),
+      cfg,
+      variables,
+      self.task,
+      RewardSet(rewards),
+      rl_cfg,
+      grpo_cfg,
+      flags_text=self.flags_text,
+      log=log,
+    )
+    self.rl_history[stage] = history
+    return self.evaluate(cfg, variables)
+
+  def rejection(self) -> dict:
+    cfg, variables = stages.final_weights(self.dir("reasoning_grpo"))
+    stages.restart(self.dir("rejection_sampling"))
+    problems = sample_problems(self.task, FLAGS.seed, "train", FLAGS.rejection_problems)
+    rcfg = RejectionConfig(
+      samples=FLAGS.rejection_samples,
+      max_prompt_len=_PROMPT_LEN,
+      max_new_tokens=FLAGS.max_new_tokens,
+      seed=FLAGS.seed,
+    )
+    records, stats = rejection_sample(cfg, variables, problems, rcfg)
+    stages.write_jsonl(os.path.join(self.dir("rejection_sampling"), "samples.jsonl"), records)
+    print(f"  kept {len(records)} samples ({stats['accepted_fraction']:.1%} of replies accepted)")
+    return stats
+
+  def sft_on_kept(self, stage: str, init: str) -> dict:
+    records = self.kept_samples()
+    if not records:  # nothing to train on: say so rather than train on nothing
+      print(f"  {stage}: skipped, rejection sampling kept no sample (the teacher solves nothing)")
+      return {"skipped": "rejection sampling kept no sample"}
+    return self.sft(stage, init, records)
+
+  def kept_samples(self) -> list[dict[str, str]]:
+    with open(os.path.join(self.dir("rejection_sampling"), "samples.jsonl")) as f:
+      return [json.loads(line) for line in f]
+
+  def cold_start_records(self) -> list[dict[str, str]]:
+    problems = sample_problems(self.task, FLAGS.seed + 1, "train", FLAGS.cold_start_examples)
+    return [
+      {"prompt": p.prompt, "response": self.task.reference_completion(p, True)} for p in problems
+    ]
+
+  def run(self) -> None:
+    t, s = self.teacher, self.student
+    base = self.run_stage("base", lambda: self.pretrain("base", t, FLAGS.pretrain_steps))
+    if base["think_acc"] < FLAGS.min_think_accuracy:
+      print(
+        f"warning: the base model is right {base['think_acc']:.0%} of the time when it thinks "
+        f"(< --min_think_accuracy={FLAGS.min_think_accuracy}): its scratchpad does not work yet, "
+        "so RL from it is not expected to gain much; pretrain longer (--pretrain_steps)",
+        flush=True,
+      )
+    self.run_stage(
+      "r1_zero", lambda: self.grpo("r1_zero", "base", R1_ZERO_REWARDS, FLAGS.r1_zero_iterations)
+    )
+    self.run_stage(
+      "cold_start_sft", lambda: self.sft("cold_start_sft", "base", self.cold_start_records())
+    )
+    self.run_stage(
+      "reasoning_grpo",
+      lambda: self.grpo(
+        "reasoning_grpo", "cold_start_sft", REASONING_REWARDS, FLAGS.reasoning_iterations
+      ),
+    )
+    self.run_stage("rejection_sampling", self.rejection)
+    self.run_stage("rejection_sft", lambda: self.sft_on_kept("rejection_sft", "base"))
+    self.run_stage(
+      "student_base", lambda: self.pretrain("student_base", s, FLAGS.student_pretrain_steps)
+    )
+    self.run_stage(
+      "student_distilled",
+      lambda: self.sft_on_kept("student_distilled", "student_base"),
+    )
+
+
+def table(results: dict[str, dict]) -> str:
+  head = f"{'stage':<19}" + "".join(f"{m:>12}" for m in EVAL_METRICS) + f"{'seconds':>9}"
+  lines = [head, "-" * len(head)]
+  for stage in STAGES:
+    r = results.get(stage, {})
+    if stage == "rejection_sampling":
+      lines.append(
+        f"{stage:<19}{'kept ' + str(int(r.get('records', 0))):>12}"
+        + " " * 12 * (len(EVAL_METRICS) - 1)
+        + f"{r.get('seconds', math.nan):9.0f}"
+      )
+      continue
+    lines.append(
+      f"{stage:<19}"
+      + "".join(f"{r.get(m, math.nan):12.3f}" for m in EVAL_METRICS)
+      + f"{r.get('seconds', math.nan):9.0f}"
+    )
+  return "\n".join(lines)
+
+
+def plot_rl(workdir: str) -> str | None:
+  """plots/rl_curves.png: reward, think rate and length per iteration of both GRPO stages."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  series = {}
+  for stage in ("r1_zero", "reasoning_grpo"):
+    path = os.path.join(workdir, stage, "metrics.jsonl")
+    if os.path.isfile(path):
+      with open(path) as f:
+        series[stage] = [json.loads(line) for line in f]
+  if not series:
+    return None
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  for stage, rows in series.items():
+    it = [r["iteration"] for r in rows]
+    axes[0].plot(it, [r["reward/total"] for r in rows], label=stage)
+    axes[1].plot(it, [r["think_rate"] for r in rows], label=stage)
+    axes[2].plot(it, [r["length"] for r in rows], label=stage)
+  titles = ("reward (total)", "<think> rate", "reply length (tokens)")
+  for ax, title in zip(axes, titles, strict=True):
+    ax.set_title(title)
+    ax.set_xlabel("GRPO iteration")
+    ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  path = os.path.join(workdir, "plots", "rl_curves.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    exit_on_bad_input(f"unexpected arguments {argv[1:]}; pass everything as --flag=value")
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  host_memory.retain_freed_memory_on_cpu()
+  # The stages compile the same programs again (every teacher SFT stage the same train step,
+  # every evaluation the same sampler): XLA's persistent cache turns those into loads.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/r1jax/xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  try:
+    teacher, student = model_configs()
+  except (ValueError, TypeError) as err:
+    exit_on_bad_input(str(err))
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  flags_text = replayable_flags(header="python -m experiments.r1_pipeline --flagfile=<this file>")
+  with open(os.path.join(FLAGS.workdir, "flags.txt"), "w") as f:
+    f.write(flags_text)
+  started = time.perf_counter()
+  print(
+    f"r1_pipeline: seed {FLAGS.seed}, workdir {FLAGS.workdir}, {jax.device_count()} "
+    f"{jax.default_backend()} device(s)",
+    flush=True,
+  )
+  pipeline = Pipeline(teacher, student, flags_text)
+  pipeline.run()
+  results = {stage: {k: v for k, v in r.items()} for stage, r in pipeline.results.items()}
+  with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  plot = plot_rl(FLAGS.workdir)
+  print(table(results))
+  print(
+    f"results: {os.path.join(FLAGS.workdir, 'results.json')}" + (f", plot: {plot}" if plot else "")
+  )
+  print(f"wall time {time.perf_counter() - started:.0f} s")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  if not any(a.startswith("--flagfile") for a in sys.argv[1:]):
+    sys.argv.insert(1, f"--flagfile={DEFAULT_FLAGFILE}")
+  app.run(main, flags_parser=parse_flags_or_exit)
