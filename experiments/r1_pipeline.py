@@ -48,26 +48,8 @@ from r1jax.train.loop import TrainConfig
 from r1jax.train.rejection import RejectionConfig, rejection_sample
 from r1jax.train.rewards import RewardSet
 from r1jax.train.rl import RLConfig
+from r1jax.train.stages import EVAL_METRICS, table
 
-STAGES = (
-  "base",
-  "r1_zero",
-  "cold_start_sft",
-  "reasoning_grpo",
-  "rejection_sampling",
-  "rejection_sft",
-  "student_base",
-  "student_distilled",
-)
-EVAL_METRICS = (
-  "pass@1",
-  "pass@k",
-  "greedy_acc",
-  "think_rate",
-  "format_rate",
-  "mean_length",
-  "think_acc",
-)
 R1_ZERO_REWARDS = {"accuracy": 1.0, "format_think": 1.0}
 REASONING_REWARDS = {"accuracy": 1.0, "language": 1.0}
 DEFAULT_FLAGFILE = os.path.join(os.path.dirname(__file__), "configs", "r1_pipeline_cpu.flags")
@@ -351,26 +333,6 @@ class Pipeline:
       "student_distilled",
       lambda: self.sft_on_kept("student_distilled", "student_base"),
     )
-
-
-def table(results: dict[str, dict]) -> str:
-  head = f"{'stage':<19}" + "".join(f"{m:>12}" for m in EVAL_METRICS) + f"{'seconds':>9}"
-  lines = [head, "-" * len(head)]
-  for stage in STAGES:
-    r = results.get(stage, {})
-    if stage == "rejection_sampling":
-      lines.append(
-        f"{stage:<19}{'kept ' + str(int(r.get('records', 0))):>12}"
-        + " " * 12 * (len(EVAL_METRICS) - 1)
-        + f"{r.get('seconds', math.nan):9.0f}"
-      )
-      continue
-    lines.append(
-      f"{stage:<19}"
-      + "".join(f"{r.get(m, math.nan):12.3f}" for m in EVAL_METRICS)
-      + f"{r.get('seconds', math.nan):9.0f}"
-    )
-  return "\n".join(lines)
 
 
 def plot_rl(workdir: str) -> str | None:

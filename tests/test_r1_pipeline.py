@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from experiments import r1_pipeline
+from r1jax.train import stages as r1_pipeline  # the pipeline's stages, metrics and table
 from tests.cli import ROOT, run_module
 
 

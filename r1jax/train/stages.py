@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -28,6 +29,25 @@ from r1jax.train.loop import TrainConfig
 from r1jax.train.rewards import RewardSet
 from r1jax.train.rl import RLConfig, train_grpo
 
+STAGES = (
+  "base",
+  "r1_zero",
+  "cold_start_sft",
+  "reasoning_grpo",
+  "rejection_sampling",
+  "rejection_sft",
+  "student_base",
+  "student_distilled",
+)
+EVAL_METRICS = (
+  "pass@1",
+  "pass@k",
+  "greedy_acc",
+  "think_rate",
+  "format_rate",
+  "mean_length",
+  "think_acc",
+)
 RESULT_FILE = "stage.json"
 FINAL_DIR = "final"
 
@@ -153,3 +173,23 @@ def grpo_stage(
 def final_weights(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
   """(cfg, variables) a finished stage left in `final/`."""
   return load_weights(os.path.join(directory, FINAL_DIR))
+
+
+def table(results: dict[str, dict]) -> str:
+  head = f"{'stage':<19}" + "".join(f"{m:>12}" for m in EVAL_METRICS) + f"{'seconds':>9}"
+  lines = [head, "-" * len(head)]
+  for stage in STAGES:
+    r = results.get(stage, {})
+    if stage == "rejection_sampling":
+      lines.append(
+        f"{stage:<19}{'kept ' + str(int(r.get('records', 0))):>12}"
+        + " " * 12 * (len(EVAL_METRICS) - 1)
+        + f"{r.get('seconds', math.nan):9.0f}"
+      )
+      continue
+    lines.append(
+      f"{stage:<19}"
+      + "".join(f"{r.get(m, math.nan):12.3f}" for m in EVAL_METRICS)
+      + f"{r.get('seconds', math.nan):9.0f}"
+    )
+  return "\n".join(lines)
