@@ -42,6 +42,7 @@ from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
 from experiments.flagfile import replayable_flags
 from r1jax import ModelConfig, host_memory
 from r1jax.data.tasks import THINK_OPEN, AdditionTask, corpus_documents, sample_problems
+from r1jax.data.tokenizer import load_tokenizer
 from r1jax.train import grpo, stages
 from r1jax.train.evaluation import evaluate, think_accuracy
 from r1jax.train.loop import TrainConfig
@@ -60,6 +61,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("seed", 0, "Seed of the weights, corpus, sampling and RL.")
 flags.DEFINE_integer("eval_seed", 1234, "Seed of the held-out problems (the same for every stage).")
+flags.DEFINE_string("tokenizer", "task", "bytes | task (r1jax.data.tokenizer): every stage's.")
 flags.DEFINE_integer("min_digits", 3, "Addition operands: fewest digits.")
 flags.DEFINE_integer("max_digits", 4, "Addition operands: most digits.")
 # --- models
@@ -122,6 +124,12 @@ def model_configs() -> tuple[ModelConfig, ModelConfig]:
       **_overrides(FLAGS.student_overrides, "student_overrides"),
     },
   )
+  vocab = load_tokenizer(FLAGS.tokenizer).vocab_size
+  if teacher.vocab_size < vocab:
+    raise ValueError(
+      f"--teacher_overrides: vocab_size {teacher.vocab_size} is below the {FLAGS.tokenizer!r} "
+      f"tokenizer's {vocab}; set vocab_size={vocab}"
+    )
   if student.num_moe_layers:
     raise ValueError(
       "--student_overrides: the student must be dense; set first_k_dense_replace="
@@ -149,6 +157,7 @@ class Pipeline:
   def __init__(self, teacher: ModelConfig, student: ModelConfig, flags_text: str):
     self.teacher, self.student, self.flags_text = teacher, student, flags_text
     self.task = AdditionTask(min_digits=FLAGS.min_digits, max_digits=FLAGS.max_digits)
+    self.tokenizer = load_tokenizer(FLAGS.tokenizer)
     self.results: dict[str, dict] = {}
     self.rl_history: dict[str, list[dict]] = {}
 
@@ -166,6 +175,7 @@ class Pipeline:
       max_prompt_len=_PROMPT_LEN,
       max_new_tokens=FLAGS.max_new_tokens,
       seed=FLAGS.eval_seed,
+      tokenizer=self.tokenizer,
     )
 
   def think_accuracy(self, cfg, variables) -> float:
@@ -174,9 +184,10 @@ class Pipeline:
       variables,
       self.task,
       num_problems=FLAGS.eval_problems,
-      max_prompt_len=_PROMPT_LEN + len(THINK_OPEN),
+      max_prompt_len=_PROMPT_LEN + len(self.tokenizer.encode(THINK_OPEN)),
       max_new_tokens=FLAGS.max_new_tokens,
       seed=FLAGS.eval_seed,
+      tokenizer=self.tokenizer,
     )
 
   # ------------------------------------------------------------------- stages
@@ -212,6 +223,7 @@ class Pipeline:
       self.corpus(FLAGS.corpus_size),
       sft=False,
       flags_text=self.flags_text,
+      tokenizer=FLAGS.tokenizer,
       save_every=max(steps // 4, 1),
     )
     result = self.evaluate(cfg, variables)
@@ -229,6 +241,7 @@ class Pipeline:
       sft=True,
       flags_text=self.flags_text,
       init_variables=variables,
+      tokenizer=FLAGS.tokenizer,
       save_every=max(FLAGS.sft_steps // 2, 1),
     )
     return self.evaluate(cfg, variables)
@@ -265,6 +278,7 @@ class Pipeline:
       rl_cfg,
       grpo_cfg,
       flags_text=self.flags_text,
+      tokenizer=self.tokenizer,
       log=log,
     )
     self.rl_history[stage] = history
@@ -280,7 +294,7 @@ class Pipeline:
       max_new_tokens=FLAGS.max_new_tokens,
       seed=FLAGS.seed,
     )
-    records, stats = rejection_sample(cfg, variables, problems, rcfg)
+    records, stats = rejection_sample(cfg, variables, problems, rcfg, tokenizer=self.tokenizer)
     stages.write_jsonl(os.path.join(self.dir("rejection_sampling"), "samples.jsonl"), records)
     print(f"  kept {len(records)} samples ({stats['accepted_fraction']:.1%} of replies accepted)")
     return stats

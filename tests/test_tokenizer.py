@@ -143,6 +143,46 @@ def test_load_tokenizer_bytes_and_bad_specs(tmp_path):
     with pytest.raises(ValueError) as err:
       load_tokenizer(spec)
     msg = str(err.value)
-    assert "\n" not in msg and msg.startswith(f"tokenizer: {spec!r} is neither 'bytes' nor")
+    assert "\n" not in msg and msg.startswith(f"tokenizer: {spec!r} is neither 'bytes', 'task' nor")
   with pytest.raises(FileNotFoundError, match="neither a tokenizer.json file"):
     HFTokenizer.from_file(tmp_path / "nope")
+
+
+def test_task_tokenizer_round_trips_every_task_with_tags_as_one_token():
+  from r1jax.data import tasks
+  from r1jax.data.tokenizer import TaskTokenizer
+
+  tok = TaskTokenizer()
+  assert load_tokenizer("task").vocab_size == 64
+  options = {
+    "addition": [{}],
+    "countdown": [{}],
+    "chain": [{"notation": n} for n in tasks.NOTATIONS],
+  }
+  for name, variants in options.items():
+    for opts in variants:
+      for doc in tasks.corpus_documents(
+        tasks.make_task(name, **opts), 0, 0, 50, think_fraction=0.5
+      ):
+        ids = tok.encode(doc)
+        assert tok.decode(ids) == doc
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        # each tag is one id: the id count is the characters outside the tags plus one per tag
+        tags = sum(doc.count(t) for t in tok.TAGS)
+        stripped = doc
+        for t in tok.TAGS:
+          stripped = stripped.replace(t, "")
+        assert len(ids) == len(stripped) + tags
+
+
+def test_task_tokenizer_names_a_foreign_character_and_decodes_anything():
+  from r1jax.data.tokenizer import TaskTokenizer
+
+  tok = TaskTokenizer()
+  with pytest.raises(ValueError, match=r"character 'A' at 2"):
+    tok.encode("1+A")
+  with pytest.raises(ValueError, match=r"character '<' at 0"):  # a cut tag is not a tag
+    tok.encode("<thin")
+  assert (
+    tok.decode([tok.eos_id, 63, *tok.encode("<answer>7</answer>")]) == "\ufffd<answer>7</answer>"
+  )

@@ -24,6 +24,7 @@ from r1jax.checkpoint import load_weights, save_weights
 from r1jax.config import ModelConfig
 from r1jax.data.pipeline import DataConfig, make_pipeline
 from r1jax.data.tasks import Task
+from r1jax.data.tokenizer import Tokenizer
 from r1jax.train import grpo, trainer
 from r1jax.train.loop import TrainConfig
 from r1jax.train.rewards import RewardSet
@@ -96,6 +97,7 @@ def train_stage(
   sft: bool,
   flags_text: str,
   init_variables: dict[str, Any] | None = None,
+  tokenizer: str = "bytes",
   save_every: int = 100,
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -113,6 +115,7 @@ def train_stage(
   data_cfg = DataConfig(
     source="sft" if sft else "jsonl",
     data_files=(data_file,),
+    tokenizer=tokenizer,
     seq_len=train_cfg.seq_len,
     batch_size=train_cfg.batch_size,
     seed=train_cfg.seed,
@@ -140,6 +143,7 @@ def grpo_stage(
   grpo_cfg: grpo.GRPOConfig,
   *,
   flags_text: str,
+  tokenizer: Tokenizer | None = None,
   log: Callable[[dict[str, float]], None] = lambda row: None,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
   """GRPO from `variables` (`r1jax.train.rl.train_grpo`), with its run record, metrics.jsonl
@@ -165,7 +169,9 @@ def grpo_stage(
       f.write(json.dumps(row) + "\n")
     log(row)
 
-  trained, history = train_grpo(model_cfg, variables, task, rewards, rl_cfg, grpo_cfg, log=write)
+  trained, history = train_grpo(
+    model_cfg, variables, task, rewards, rl_cfg, grpo_cfg, tokenizer=tokenizer, log=write
+  )
   save_weights(os.path.join(directory, FINAL_DIR), model_cfg, trained)
   return trained, history
 
