@@ -11,10 +11,11 @@ Group g owns the contiguous rows [o_g, o_g + group_sizes[g]) of lhs, o_g = sum_{
 sum(group_sizes) must not exceed M.
 
 The xla impl is the fast CPU path. XLA's lax.ragged_dot runs at ~1% of the matmul peak on
-CPU, so instead a fori_loop over the groups slices each group's weights once and runs two
-inner loops with data-dependent trip counts: the group's full tiles of `rows` rows as plain
-2-D matmuls written back with dynamic_update_slice, then its remainder in masked tiles of
-`tail_rows` rows. Only the tiles in use are visited, and the masked waste per group is under
+CPU, so instead a fori_loop over the groups that have rows slices each group's weights once
+and runs two inner loops with data-dependent trip counts: the group's full tiles of `rows` rows
+as plain 2-D matmuls written back with dynamic_update_slice, then its remainder in masked tiles
+of `tail_rows` rows (fewer when the groups average fewer rows: a decode step's few tokens over
+many experts). Only the tiles in use are visited, and the masked waste per group is under
 `tail_rows` rows. A loop with a data-dependent trip count has no reverse-mode derivative, so
 the xla impl carries its own custom VJP built from the same loops: dlhs is the gmm loop with
 each group's weights transposed once, drhs accumulates tile^T @ dout_tile in a [K, N] float32
@@ -83,8 +84,18 @@ def _group_bounds(group_sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ends - group_sizes, ends
 
 
-def _tile_sizes(m: int, tiling: GmmTiling) -> tuple[int, int]:
-  return min(tiling.rows, m), min(tiling.tail_rows, m)
+def _tile_sizes(m: int, num_groups: int, tiling: GmmTiling) -> tuple[int, int]:
+  """(full tile, tail tile) rows for M rows over G groups.
+
+  When the groups average fewer rows than the tail tile, the tail tile shrinks to that average
+  (a power of two, at least 1): decoding routes a few tokens' pairs over many experts, and a
+  group of one row would otherwise run a whole masked tile. Training sizes keep the tuned tiles.
+  """
+  tail = min(tiling.tail_rows, m)
+  per_group = m // num_groups
+  if per_group < tail:
+    tail = 1 << (max(per_group, 1).bit_length() - 1)
+  return min(tiling.rows, m), tail
 
 
 def _f32(a: jax.Array) -> jax.Array:
@@ -136,10 +147,15 @@ def _gmm_loop(lhs, rhs, group_sizes, tiling: GmmTiling, transpose_rhs: bool, out
   out = jnp.zeros((m, n), out_dtype)  # rows past sum(group_sizes) stay zero
   if m == 0:
     return out
-  big, small = _tile_sizes(m, tiling)
+  num_groups = rhs.shape[0]
+  big, small = _tile_sizes(m, num_groups, tiling)
   starts, ends = _group_bounds(group_sizes)
+  # Only the groups that have rows: each visit copies its group's weights, which a decode step
+  # (24 pairs over 64 experts on `small`) would otherwise pay for every empty expert too.
+  used = jnp.nonzero(group_sizes > 0, size=num_groups, fill_value=0)[0]
 
-  def group(g, out):
+  def group(i, out):
+    g = used[i]
     # One copy of the group's weights (transposed if asked), reused by every tile below.
     w = lax.dynamic_index_in_dim(rhs, g, 0, keepdims=False)
     w = _f32(w.T if transpose_rhs else w)
@@ -147,7 +163,7 @@ def _gmm_loop(lhs, rhs, group_sizes, tiling: GmmTiling, transpose_rhs: bool, out
     out = _gmm_full_tiles(lhs, w, out, starts[g], full, big)
     return _gmm_tail_tiles(lhs, w, out, starts[g] + full * big, ends[g], small)
 
-  return lax.fori_loop(0, rhs.shape[0], group, out)
+  return lax.fori_loop(0, jnp.sum(group_sizes > 0), group, out)
 
 
 # ---------------------------------------------------------------------------- tgmm loops
@@ -189,7 +205,7 @@ def _tgmm_loop(lhs, dout, group_sizes, tiling: GmmTiling, out_dtype):
   out = jnp.zeros((num_groups, k, n), out_dtype)
   if m == 0:
     return out
-  big, small = _tile_sizes(m, tiling)
+  big, small = _tile_sizes(m, num_groups, tiling)
   starts, ends = _group_bounds(group_sizes)
   # One transpose of lhs up front keeps every tile product a plain [K, tm] @ [tm, N] matmul.
   lhs_t = _f32(lhs.T)

@@ -23,6 +23,9 @@ ROPE_TYPES = ("default", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("auto", "xla", "reference", "pallas")
 EXPERT_EXCHANGES = ("auto", "all_gather", "ragged_all_to_all")
+# What MLA's decode cache holds (r1jax.layers.mla): "absorbed" the normalised latent and the
+# shared RoPE key, "naive" per-head keys and values (DeepSeek's attn_impl="naive").
+DECODE_CACHES = ("absorbed", "naive")
 # What a decoder layer's backward keeps: "none" everything, "full" only the layer's input (the
 # forward runs again), "dots" the matmul outputs without batch dims (elementwise work reruns).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -51,6 +54,7 @@ class ModelConfig:
   qk_nope_head_dim: int = 128
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
+  decode_cache: str = "absorbed"  # one of DECODE_CACHES; the same model either way
 
   # --- DeepSeekMoE. Routed experts are selected per token by the gate; shared experts see every
   # token (one fused SwiGLU of n_shared_experts * moe_intermediate_size).
@@ -204,6 +208,7 @@ _NOT_FROM_HF = frozenset(
     "param_dtype",
     "moe_impl",
     "expert_exchange",
+    "decode_cache",
     "capacity_factor",
     "scan_layers",
     "remat",
@@ -217,6 +222,7 @@ _NOT_TO_HF = frozenset(
     "param_dtype",
     "moe_impl",
     "expert_exchange",
+    "decode_cache",
     "capacity_factor",
     "scan_layers",
     "remat",
@@ -330,6 +336,11 @@ def _validate(c: ModelConfig) -> None:
     f"{c.expert_exchange!r}; use one of {EXPERT_EXCHANGES}",
   )
   _check(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r}; use one of {MOE_IMPLS}")
+  _check(
+    c.decode_cache in DECODE_CACHES,
+    "decode_cache",
+    f"{c.decode_cache!r}; use one of {DECODE_CACHES}",
+  )
   _check(c.remat in REMAT_POLICIES, "remat", f"{c.remat!r}; use one of {REMAT_POLICIES}")
   _check(c.rope_type in ROPE_TYPES, "rope_type", f"{c.rope_type!r}; use one of {ROPE_TYPES}")
   if c.rope_type == "yarn":

@@ -292,12 +292,16 @@ def batch_sharding(mesh: Mesh, rules: AxisRules, ndim: int = 2) -> NamedSharding
 
 
 def cache_shardings(cache: Any, mesh: Mesh, rules: AxisRules) -> Any:
-  """Shardings of the decode cache: latent and RoPE key ([..., b, t, dim]) and the slot validity
-  ([..., b, t]) split on the batch dim like the batch; the write index (a scalar per layer)
-  replicated. The cache has no head axis (MLA caches the shared latent), so `tensor` does not
+  """Shardings of the decode cache (either `ModelConfig.decode_cache` form): the cached arrays
+  (absorbed latent and RoPE key [..., b, t, dim]; naive key and value [..., b, h, t, dim]) and
+  the slot validity ([..., b, t]) split on the batch dim like the batch; the naive form's head
+  dim split like the heads (over `tensor`); the write index (a scalar per layer) replicated.
+  The absorbed cache has no head axis (MLA caches the shared latent), so `tensor` does not
   split it."""
   lead = batch_sharding(mesh, rules).spec[0]
-  trailing = {"latent": 2, "rope_key": 2, "valid": 1}  # dims after the batch dim
+  heads = tuple(a for a in rules.mesh_axes("heads") if mesh.shape.get(a, 1) > 1)
+  heads = heads[0] if len(heads) == 1 else (heads or None)
+  trailing = {"latent": 2, "rope_key": 2, "key": 3, "value": 3, "valid": 1}  # dims after b
 
   def pick(path, leaf):
     name = _dict_keys(path)[-1] if _dict_keys(path) else ""
@@ -305,6 +309,8 @@ def cache_shardings(cache: Any, mesh: Mesh, rules: AxisRules) -> Any:
       return NamedSharding(mesh, PartitionSpec())
     dims = [None] * leaf.ndim
     dims[leaf.ndim - 1 - trailing[name]] = lead
+    if name in ("key", "value"):
+      dims[leaf.ndim - 3] = heads  # [..., b, h, t, dim]
     return NamedSharding(mesh, PartitionSpec(*dims))
 
   return jax.tree_util.tree_map_with_path(pick, cache)

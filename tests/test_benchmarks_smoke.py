@@ -19,6 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       "xla dropless forward: ",
     ),
     ("moe_dispatch", ["--preset=cpu", "--impls=xla", "--reps=1"], "xla "),
+    (
+      "decode",
+      ["--preset=tiny", "--contexts=8,16", "--steps=2", "--warmup=1", "--prefill_chunk=8"],
+      "absorbed/naive tokens/s at 16: ",
+    ),
     pytest.param(
       "hf_load_memory", ["--preset=tiny"], "load peak = model + ", marks=pytest.mark.slow
     ),

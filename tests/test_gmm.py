@@ -125,6 +125,22 @@ def test_forward_and_vjp_bf16(impl, case):
   _assert_close(drhs, want_drhs, jnp.bfloat16)
 
 
+@pytest.mark.parametrize("sizes", [[0, 1, 0, 0, 2, 1, 0, 3], [0, 0, 0, 0, 0, 0, 0, 5]])
+def test_xla_decode_sizes_few_rows_over_many_groups(sizes):
+  """A decode step's shape: fewer rows than groups, so one-row tail tiles and skipped empty
+  groups (rows past the used ones stay zero)."""
+  rng = np.random.default_rng(4)
+  m, g = 9, len(sizes)
+  lhs = jnp.asarray(rng.standard_normal((m, K)), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal((g, K, N)), jnp.float32)
+  dout = jnp.asarray(rng.standard_normal((m, N)), jnp.float32)
+  out, dlhs, drhs = _gmm_and_vjp(lhs, rhs, jnp.array(sizes, jnp.int32), dout, "xla", None)
+  want_dlhs, want_drhs = np_gmm_vjp(lhs, rhs, sizes, dout)
+  _assert_close(out, np_gmm(lhs, rhs, sizes), jnp.float32)
+  _assert_close(dlhs, want_dlhs, jnp.float32)
+  _assert_close(drhs, want_drhs, jnp.float32)
+
+
 def test_xla_matches_reference_on_random_sizes():
   rng = np.random.default_rng(3)
   lhs, rhs, dout = _inputs(jnp.float32, seed=3)

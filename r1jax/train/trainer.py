@@ -142,7 +142,7 @@ def write_run_record(
 
 # Fields a resumed run may change: how the same computation is implemented or logged, its length.
 _RESUMABLE_CHANGES = {
-  "model": {"moe_impl", "expert_exchange", "remat"},
+  "model": {"moe_impl", "expert_exchange", "remat", "decode_cache"},
   "train": {"num_steps", "log_every"},
   "data": {"data_files", "tokenizer"},
 }

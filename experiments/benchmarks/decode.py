@@ -1,0 +1,289 @@
+"""Decode throughput of MLA's two caches: absorbed (the latent) against naive (per-head K and V).
+
+  python -m experiments.benchmarks.decode
+  python -m experiments.benchmarks.decode --contexts=512,1024,4096 --batch=4
+
+Model: the `small` preset (~90M params: 4 layers, hidden 512, 8 heads; MLA with c=128, r=32,
+d=64, d_v=64) in float32 with multi-token prediction off (decoding never runs it) and layers
+unrolled (ModelConfig.scan_layers=False; --scan_layers restores the scan: see below). The two
+forms differ only in `ModelConfig.decode_cache`; the weights are the same.
+
+  absorbed  cache latent [b, T, c] + rope_key [b, T, r]: (128 + 32) x 4 B = 640 B per token and
+            layer. Per step: q folded through W^UK (`bshd,chd->bshc`), scores `bshc,btc->bsht` +
+            `bshr,btr->bsht`, values `bsht,btc->bshc`, then W^UV and wo.
+  naive     cache key [b, h, T, d+r] + value [b, h, T, d_v]: 8 x (96 + 64) x 4 B = 5120 B per
+            token and layer (8x). Per step: the new token's K and V expanded once from its
+            latent, scores `bshd,bhtd->bsht`, values `bsht,bhtd->bshd`.
+
+Per context length in --contexts: both forms' caches are filled by a prefill of `context`
+random tokens through the decode path (--prefill_chunk tokens per call), then every timed step
+feeds one more token at slot context - 1 (its position), attending over exactly `context`
+keys: the step sets the write index back to context - 1 first, so the cache is exactly
+`context` slots long and never outgrows max_position_embeddings (4096 for `small`). One step =
+one jitted forward of the decoder for [batch, 1] tokens (MoE, head and all) with the cache
+donated, so its one-slot update is in place, as in `r1jax.generate.Generator`'s loop. The
+first step's logits of the two forms are compared (same model, same context: they must agree).
+
+Timed steps alternate between the forms (both see the same background load; the machine is
+shared); the median is reported, tokens/s = batch / median. Cache bytes are measured from the
+cache arrays (the form's two arrays; index and valid are bookkeeping, b x T bools per layer)
+and printed beside `r1jax.sizing.kv_cache_bytes_per_token(cfg, form) * batch * context`.
+The last line is `absorbed/naive tokens/s at 4096: X.XX` (at the longest context measured).
+
+Batch (default 4): a decode step reads the weights once whatever the batch (~3 MB of attention
+weights per layer, the dense layer's 8.6 MB MLP, the 16 MB head, ~1.5 MB per expert routed to)
+but every row's cache: at 4096 tokens, 40 MiB (absorbed) and 320 MiB (naive) at batch 4
+against 10 and 80 MiB at batch 1, so batch 4 is where the cache, the thing the forms differ
+in, is most of what a step streams. At batch 4 XLA:CPU also compiles the step without extra
+cache copies (checked in the optimized HLO); at batch 1 it turns the attention dots into
+unbatched ones with a transposed operand and copies each layer's cache several times a step
+(both forms), which inflates the naive side 8x more (see batch 1 below). Larger batches route
+to more experts, and the MoE layers' per-expert weight copies take over.
+
+Layers unrolled: a scanned stack (nn.scan over the "cache" collection) slices each layer's
+cache out of the stack and stacks the updated one back every step, copying the whole cache
+(both forms), 3.8x slower for the absorbed form below. `Generator` decodes with the config's
+scan_layers (True by default), so its steps pay this.
+
+Measured on 2026-11-24 on the 2-core CPU VM (jax 0.10.2), shared (load average ~4), defaults:
+  context  512: absorbed 50.99 ms/step  78.4 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
+                naive    53.05 ms/step  75.4 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+  context 4096: absorbed 69.92 ms/step  57.2 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+                naive    79.23 ms/step  50.5 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
+  absorbed/naive tokens/s at 4096: 1.13   (an earlier run at 4096 alone: 55.2 / 61.2 ms, 1.11)
+Other settings, same day, at 4096 (tokens/s ratio absorbed/naive):
+  --batch=1: 23.6 / 99.3 ms/step, 4.22: the batch-1 cache copies above, not the attention.
+  --scan_layers: 263.6 / 620.0 ms/step, 2.35: the scan's cache copies.
+  naive cache laid out [b, T, h, d] as DeepSeek's (r1jax.layers.mla says why it is not): 82.9 /
+    268.2 ms/step, 3.24: XLA:CPU transposes the whole key and value caches every step.
+
+So the absorbed cache is 8x smaller (exactly as predicted) but only ~1.1x faster per step
+here, where neither form copies its cache. Per MLA layer alone (batch 4, cache donated) it is
+3.7 against 5.5 ms at 4096 tokens (0.97 against 1.12 ms at 512): the naive core streams its
+80 MiB per layer at ~14 GB/s, near the machine's bandwidth, while the absorbed core's products,
+8 query rows per sequence (the heads) against the latent, read their 18 MiB (the latent twice,
+the RoPE key once) at ~6 GB/s on XLA:CPU; other orders of its einsums (t-major scores and
+values, one [c + r] array) measured within noise. The rest of the step (~25-50 ms: MoE
+dispatch, head, projections) is the same for both forms. Before the change to
+`pallas_kernels.gmm` made with this benchmark (skip empty expert groups; tail tiles shrunk to
+the rows a group averages) a MoE layer took 28-36 ms at 4 tokens against 3-6 ms now, and the
+ratio at 4096 was 1.05 (71.0 / 74.5 ms/step).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+from flax.linen import meta
+
+from r1jax.config import DECODE_CACHES, PRESETS, ModelConfig
+from r1jax.model import Transformer
+from r1jax.sizing import kv_cache_bytes_per_token
+
+_PRESET = flags.DEFINE_enum("preset", "small", list(PRESETS), "Model preset.")
+_CONTEXTS = flags.DEFINE_list("contexts", ["512", "4096"], "Context lengths (keys attended to).")
+_BATCH = flags.DEFINE_integer("batch", 4, "Sequences decoded together.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per form (median reported).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per form first.", lower_bound=1)
+_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Prefill tokens per call.", lower_bound=1)
+_SCAN = flags.DEFINE_bool("scan_layers", False, "Scan over layers (else unrolled).")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the weights and tokens.")
+
+FORMS = DECODE_CACHES  # ("absorbed", "naive")
+_CACHED = {"absorbed": ("latent", "rope_key"), "naive": ("key", "value")}
+
+
+def benchmark_config(preset: str, form: str, scan_layers: bool = False) -> ModelConfig:
+  """The preset in float32 with MTP off, decoding with the `form` cache."""
+  return ModelConfig.from_preset(
+    preset,
+    num_nextn_predict_layers=0,
+    dtype="float32",
+    param_dtype="float32",
+    scan_layers=scan_layers,
+    decode_cache=form,
+  )
+
+
+def init_variables(cfg: ModelConfig, seed: int):
+  """Params and router bias (plain arrays): the same for both forms."""
+  init = jax.jit(Transformer(cfg).init)
+  variables = meta.unbox(init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+  return {k: variables[k] for k in ("params", "router_bias")}
+
+
+def filled_cache(cfg: ModelConfig, variables, tokens: np.ndarray, chunk: int):
+  """The decode cache after a prefill of tokens [b, T], chunk by chunk; it is T slots long."""
+  decoder = Transformer(cfg, decode=True)
+  cache = jax.jit(decoder.init)(jax.random.key(0), jnp.zeros(tokens.shape, jnp.int32))["cache"]
+  prefill = jax.jit(
+    lambda cache, t: decoder.apply({**variables, "cache": cache}, t, mutable=["cache"])[1],
+    donate_argnums=0,
+  )
+  for start in range(0, tokens.shape[1], chunk):
+    cache = prefill(cache, jnp.asarray(tokens[:, start : start + chunk]))["cache"]
+  return jax.block_until_ready(cache)
+
+
+def decode_step(cfg: ModelConfig, variables, cache, token: np.ndarray, context: int):
+  """A closure that runs one jitted decode step (cache donated) and returns its logits [b, v].
+
+  Each step first sets the write index to context - 1, so every step writes that slot and
+  attends over exactly `context` keys. Compiled here, ahead of the timing; consumes `cache`.
+  """
+  decoder = Transformer(cfg, decode=True)
+  b = token.shape[0]
+  positions = jnp.full((b, 1), context - 1, jnp.int32)
+  token = jnp.asarray(token)
+
+  def step(cache):
+    at_last_slot = lambda path, x: jnp.full_like(x, context - 1) if path[-1].key == "index" else x
+    cache = jax.tree_util.tree_map_with_path(at_last_slot, cache)
+    logits, updated = decoder.apply(
+      {**variables, "cache": cache}, token, positions, mutable=["cache"]
+    )
+    return logits[:, -1], updated["cache"]
+
+  compiled = jax.jit(step, donate_argnums=0).lower(cache).compile()
+  box = [cache]
+
+  def run() -> jax.Array:
+    logits, box[0] = compiled(box[0])
+    return jax.block_until_ready(logits)
+
+  return run
+
+
+def cache_bytes(cache, form: str) -> tuple[int, int]:
+  """(bytes of the form's two cached arrays, bytes of the index and valid bookkeeping)."""
+  flat = traverse_util.flatten_dict(cache)
+  cached = sum(x.nbytes for path, x in flat.items() if path[-1] in _CACHED[form])
+  return cached, sum(x.nbytes for x in flat.values()) - cached
+
+
+def time_steps(steps: dict[str, Callable[[], object]], reps: int, warmup: int):
+  """Median seconds per step of each side and each side's first result, timed steps alternating
+  between the sides."""
+  first = {}
+  for name, step in steps.items():
+    first[name] = step()
+    for _ in range(warmup - 1):
+      step()
+  times = {name: [] for name in steps}
+  for _ in range(reps):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}, first
+
+
+def run_context(
+  cfgs: dict[str, ModelConfig],
+  variables,
+  batch: int,
+  context: int,
+  steps: int,
+  warmup: int,
+  chunk: int,
+  seed: int,
+  log: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
+  """Fills both forms' caches to `context`, times their decode steps, logs a row per form.
+
+  Returns:
+    form -> {"seconds", "tokens_per_s", "cache_bytes", "predicted_bytes", "bookkeeping_bytes"}.
+  """
+  rng = np.random.RandomState(seed)
+  vocab = next(iter(cfgs.values())).vocab_size
+  prompt = rng.randint(0, vocab, (batch, context)).astype(np.int32)
+  token = rng.randint(0, vocab, (batch, 1)).astype(np.int32)
+  sides, out = {}, {}
+  for form, cfg in cfgs.items():
+    cache = filled_cache(cfg, variables, prompt, min(chunk, context))
+    cached, bookkeeping = cache_bytes(cache, form)
+    out[form] = {
+      "cache_bytes": cached,
+      "predicted_bytes": kv_cache_bytes_per_token(cfg, form) * batch * context,
+      "bookkeeping_bytes": bookkeeping,
+    }
+    sides[form] = decode_step(cfg, variables, cache, token, context)
+    del cache
+  seconds, first = time_steps(sides, steps, warmup)
+  diff = float(jnp.abs(first["naive"] - first["absorbed"]).max())
+  scale = float(jnp.abs(first["absorbed"]).max())
+  log(f"context {context}: first-step logits, max |naive - absorbed| = {diff:.2e} (of {scale:.2f})")
+  for form in cfgs:
+    row = out[form]
+    row.update(seconds=seconds[form], tokens_per_s=batch / seconds[form])
+    log(
+      f"  {form:>8}: {row['seconds'] * 1e3:8.2f} ms/step {row['tokens_per_s']:8.1f} tokens/s  "
+      f"cache {row['cache_bytes'] / 2**20:7.2f} MiB ({row['cache_bytes']} B; predicted "
+      f"{row['predicted_bytes']} B) + {row['bookkeeping_bytes']} B index and valid"
+    )
+  return out
+
+
+def run(
+  preset: str,
+  contexts: Sequence[int],
+  batch: int,
+  steps: int,
+  warmup: int,
+  chunk: int,
+  scan_layers: bool = False,
+  seed: int = 0,
+  log: Callable[[str], None] = print,
+) -> dict[int, dict[str, dict[str, float]]]:
+  """Both forms at each context; the last line is their tokens/s ratio at the longest."""
+  cfgs = {form: benchmark_config(preset, form, scan_layers) for form in FORMS}
+  cfg = cfgs["absorbed"]
+  log(
+    f"{preset}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+    f"{cfg.num_attention_heads} heads, float32, MTP off, layers "
+    f"{'scanned' if scan_layers else 'unrolled'}; batch {batch}, {steps} timed steps per form"
+  )
+  variables = init_variables(cfg, seed)
+  results = {}
+  for context in contexts:
+    results[context] = run_context(cfgs, variables, batch, context, steps, warmup, chunk, seed, log)
+  at = results[max(contexts)]
+  ratio = at["absorbed"]["tokens_per_s"] / at["naive"]["tokens_per_s"]
+  log(f"absorbed/naive tokens/s at {max(contexts)}: {ratio:.2f}")
+  return results
+
+
+def main(argv):
+  del argv
+  try:
+    contexts = [int(c) for c in _CONTEXTS.value]
+  except ValueError:
+    raise app.UsageError(f"--contexts: {_CONTEXTS.value} are not all integers") from None
+  limit = ModelConfig.from_preset(_PRESET.value).max_position_embeddings
+  bad = [c for c in contexts if not 0 < c <= limit]
+  if bad:
+    raise app.UsageError(
+      f"--contexts: {bad[0]} is not in [1, max_position_embeddings={limit}] of {_PRESET.value}"
+    )
+  print(f"backend {jax.default_backend()}, {jax.device_count()} devices, jax {jax.__version__}")
+  run(
+    _PRESET.value,
+    contexts,
+    _BATCH.value,
+    _STEPS.value,
+    _WARMUP.value,
+    _CHUNK.value,
+    _SCAN.value,
+    _SEED.value,
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
