@@ -208,8 +208,9 @@ def sequence_logprobs(
   temperature: float = 1.0,
 ):
   """What a trainer recomputes: log softmax(logits / T) of tokens[:, i + 1] at position i,
-  [b, s - 1], by one full forward (no cache)."""
+  [b, s - 1], by one full forward (no cache); T 0 reads as 1. GRPO's loss
+  (`r1jax.train.grpo.completion_logprobs`) differentiates through this same function."""
   logits = model.apply(variables, tokens, positions, segment_ids)
   t = temperature if temperature > 0 else 1.0
-  logp = jax.nn.log_softmax(logits[:, :-1] / t, axis=-1)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / t, axis=-1)
   return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

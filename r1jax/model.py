@@ -47,7 +47,9 @@ class Transformer(nn.Module):
     dense, moe = cfg.first_k_dense_replace, cfg.num_moe_layers
     self.dense_layers = block_stack(cfg, False, dense, self.decode) if dense else None
     self.moe_layers = block_stack(cfg, True, moe, self.decode) if moe else None
-    self.mtp_layers = [MTPLayer(cfg, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)]
+    self.mtp_layers = [
+      MTPLayer(cfg, self.decode, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)
+    ]
 
   def embed(self, tokens):
     """tokens int [b, s] -> [b, s, m] in the compute dtype."""
@@ -100,6 +102,13 @@ class Transformer(nn.Module):
       mtp_h.append(normed)
     mtp_h = jnp.stack(mtp_h) if mtp_h else jnp.zeros((0, *h.shape), h.dtype)
     return h, mtp_h, self.head_kernel()
+
+  def mtp_draft_logits(self, h, next_tokens, positions, segment_ids=None):
+    """MTP depth 1 alone: h [b, s, m] (the main model's final-normed hidden states at positions
+    i) and next_tokens [b, s] (t_{i+1}) -> logits [b, s, v] for t_{i+2}. With decode=True the
+    depth's block appends to its own cache (the drafter of `r1jax.speculative`)."""
+    _, normed = self.mtp_layers[0](h, self.embed(next_tokens), positions, segment_ids)
+    return self.head(normed)
 
   def head_kernel(self):
     """The output head [m, v] as stored (the embedding transposed when tied)."""

@@ -34,6 +34,9 @@ class MTPLayer(nn.Module):
   """One MTP depth: norms, eh_proj, a full decoder block and the shared-head norm."""
 
   cfg: ModelConfig
+  # Speculative decoding (r1jax.speculative) drafts with depth 1 position by position: its block's
+  # MLA then keeps its own cache, over the MTP's own past positions, as in training.
+  decode: bool = False
 
   @nn.compact
   def __call__(self, h_prev, embedded_next, positions, segment_ids=None):
@@ -45,5 +48,7 @@ class MTPLayer(nn.Module):
     joined = jnp.concatenate([norm("enorm")(embedded_next), norm("hnorm")(h_prev)], axis=-1)
     h = jnp.einsum("bsn,nm->bsm", joined, eh_proj.astype(dtype_of(cfg.dtype)))
     # Always a MoE block: the release's layer 61 is one, and transformers builds it so.
-    h, _ = DecoderBlock(cfg, use_moe=True, name="block")(h, positions, segment_ids)
+    h, _ = DecoderBlock(cfg, use_moe=True, decode=self.decode, name="block")(
+      h, positions, segment_ids
+    )
     return h, norm("shared_head_norm")(h)

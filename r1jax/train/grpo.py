@@ -28,6 +28,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from r1jax.generate import sequence_logprobs
+
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 KL_ESTIMATORS = ("k3", "k2")
 
@@ -166,11 +168,11 @@ def token_entropy(logits, mask):
 
 def completion_logprobs(model, variables, tokens, positions, segment_ids, temperature: float):
   """log softmax(logits / T) of tokens[:, t] given tokens[:, :t], at t = 1..s-1 -> [N, s - 1]
-  (the sampler's tempered distribution, as `r1jax.generate` reports it; T 0 reads as 1)."""
-  logits = model.apply(variables, tokens, positions, segment_ids)
-  t = temperature if temperature > 0 else 1.0
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / t, axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  (the sampler's tempered distribution, as `r1jax.generate` reports it; T 0 reads as 1).
+
+  The sampler's own recomputation, so that sampler and trainer cannot drift apart; differentiable
+  (a jit nested in the update's jit is inlined)."""
+  return sequence_logprobs(model, variables, tokens, positions, segment_ids, temperature)
 
 
 def make_policy_update(model, optimizer, cfg: GRPOConfig, temperature: float):
