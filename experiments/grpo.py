@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 from absl import app, flags
 
@@ -25,7 +26,7 @@ from r1jax import host_memory
 from r1jax.checkpoint import load_weights, read_config, save_weights
 from r1jax.data.tasks import TASKS
 from r1jax.train import grpo
-from r1jax.train.rewards import REWARD_FUNCTIONS, RewardSet
+from r1jax.train.rewards import REWARD_FUNCTIONS, RewardError, RewardSet
 from r1jax.train.rl import RLConfig, train_grpo
 
 PRESETS = {
@@ -120,9 +121,17 @@ def main(argv):
         flush=True,
       )
 
-  trained, _ = train_grpo(
-    model_cfg, variables, TASKS[FLAGS.task], rewards, rl_cfg, grpo_cfg, log=log
-  )
+  try:
+    trained, _ = train_grpo(
+      model_cfg, variables, TASKS[FLAGS.task], rewards, rl_cfg, grpo_cfg, log=log
+    )
+  except RewardError as err:
+    kept = save_weights(os.path.join(FLAGS.workdir, "at_error"), model_cfg, err.variables)
+    print(
+      f"error: iteration {err.iteration}: {err}. The policy before it is saved in {kept}",
+      file=sys.stderr,
+    )
+    sys.exit(1)
   save_weights(os.path.join(FLAGS.workdir, "final"), model_cfg, trained)
   print(f"saved {os.path.join(FLAGS.workdir, 'final')}")
 

@@ -47,7 +47,7 @@ from r1jax.train import grpo, stages
 from r1jax.train.evaluation import evaluate, think_accuracy
 from r1jax.train.loop import TrainConfig
 from r1jax.train.rejection import RejectionConfig, rejection_sample
-from r1jax.train.rewards import RewardSet
+from r1jax.train.rewards import RewardError, RewardSet
 from r1jax.train.rl import RLConfig
 from r1jax.train.stages import EVAL_METRICS, table
 
@@ -409,7 +409,11 @@ def main(argv):
     flush=True,
   )
   pipeline = Pipeline(teacher, student, flags_text)
-  pipeline.run()
+  try:
+    pipeline.run()
+  except RewardError as err:  # the finished stages and the policy so far are kept on disk
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
   results = {stage: {k: v for k, v in r.items()} for stage, r in pipeline.results.items()}
   with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)

@@ -118,3 +118,28 @@ def test_decode_completion_stops_at_eos():
   ids = tok.encode("<answer>125</answer>") + [tok.eos_id] + tok.encode(" junk") + [0, 0]
   assert R.decode_completion(ids, tok) == "<answer>125</answer>"
   assert R.decode_completion(tok.encode("<answer>1"), tok) == "<answer>1"  # truncated, no EOS
+
+
+def test_a_reward_that_raises_or_returns_nan_is_named_with_its_item():
+  import math
+  import re
+
+  import pytest
+
+  from r1jax.data.tasks import AdditionTask, sample_problems
+  from r1jax.train.rewards import RewardError, RewardSet
+
+  problems = sample_problems(AdditionTask(), 0, "train", 2)
+
+  def broken(problem, text):
+    return 1 / 0 if text == "bad" else 1.0
+
+  rewards = RewardSet({"broken": 1.0}, {"broken": broken})
+  with pytest.raises(
+    RewardError,
+    match=rf"reward 'broken' raised ZeroDivisionError.*{re.escape(problems[1].prompt)}.*'bad'",
+  ):
+    rewards(problems, ["ok", "ok", "ok", "bad"], group_size=2)
+  nan = RewardSet({"nan": 1.0}, {"nan": lambda p, t: math.nan})
+  with pytest.raises(RewardError, match=r"reward 'nan' returned nan .*must be finite"):
+    nan(problems, ["a", "b"])

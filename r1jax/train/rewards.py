@@ -102,6 +102,31 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
 }
 
 
+class RewardError(RuntimeError):
+  """A reward function raised or returned a non-finite value. The message names the function,
+  the problem and the completion; a training loop attaches `iteration` and `variables` (the
+  policy before the failing rollout) so that its caller can keep them."""
+
+  iteration: int | None = None
+  variables: dict | None = None
+
+
+def _score(name: str, fn: RewardFn, problem: Problem, completion: str) -> float:
+  try:
+    value = float(fn(problem, completion))
+  except Exception as err:  # a user's reward function may raise anything: name it and the item
+    raise RewardError(
+      f"reward {name!r} raised {type(err).__name__}: {err} on problem {problem.prompt!r}, "
+      f"completion {completion[:80]!r}"
+    ) from err
+  if not np.isfinite(value):
+    raise RewardError(
+      f"reward {name!r} returned {value} on problem {problem.prompt!r}, completion "
+      f"{completion[:80]!r}; rewards must be finite"
+    )
+  return value
+
+
 class Rewards(NamedTuple):
   """A batch's rewards: the weighted `total` [N] and each function's rewards [N], float32."""
 
@@ -145,6 +170,7 @@ class RewardSet:
 
     Raises:
       ValueError: len(completions) != len(problems) * group_size.
+      RewardError: a function raised or returned a non-finite value (named, with the item).
     """
     if group_size < 1 or len(completions) != len(problems) * group_size:
       raise ValueError(
@@ -153,7 +179,10 @@ class RewardSet:
       )
     per_function = {
       name: np.asarray(
-        [self.functions[name](problems[i // group_size], c) for i, c in enumerate(completions)],
+        [
+          _score(name, self.functions[name], problems[i // group_size], c)
+          for i, c in enumerate(completions)
+        ],
         np.float32,
       ).reshape(len(completions))
       for name in self.weights

@@ -29,7 +29,7 @@ from r1jax.data.tokenizer import ByteTokenizer, Tokenizer
 from r1jax.generate import Generator, SamplingConfig
 from r1jax.model import Transformer
 from r1jax.train import grpo
-from r1jax.train.rewards import RewardSet
+from r1jax.train.rewards import RewardError, RewardSet
 from r1jax.train.rollout import rollout
 from r1jax.train.step import TrainState
 
@@ -69,7 +69,12 @@ def train_grpo(
   log: Callable[[dict[str, float]], None] = lambda row: None,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
   """Runs the loop from `variables` ({"params", "router_bias"}); returns the trained variables
-  and one metrics row per iteration (also passed to `log`)."""
+  and one metrics row per iteration (also passed to `log`).
+
+  Raises:
+    RewardError: a reward function failed; its `iteration` and `variables` (the policy before
+      that rollout) are set, so that nothing trained is lost.
+  """
   tokenizer = tokenizer or ByteTokenizer()
   model = Transformer(model_cfg)
   generator = Generator(
@@ -97,9 +102,13 @@ def train_grpo(
     problems = [task.sample(problem_rng, "train") for _ in range(rl_cfg.prompts_per_iteration)]
     rng, key = jax.random.split(rng)
     current = {"params": state.params, "router_bias": state.router_bias}
-    host_batch, row = rollout(
-      generator, current, problems, tokenizer, rewards, grpo_cfg, key, sampling
-    )
+    try:
+      host_batch, row = rollout(
+        generator, current, problems, tokenizer, rewards, grpo_cfg, key, sampling
+      )
+    except RewardError as err:  # hand the policy trained so far to the caller
+      err.iteration, err.variables = it, current
+      raise
     batch = jax.tree.map(jnp.asarray, host_batch)
     if grpo_cfg.beta > 0:
       batch["ref_logp"] = reference_logp(reference, batch)

@@ -27,7 +27,7 @@ from r1jax.data.tasks import Task
 from r1jax.data.tokenizer import Tokenizer
 from r1jax.train import grpo, trainer
 from r1jax.train.loop import TrainConfig
-from r1jax.train.rewards import RewardSet
+from r1jax.train.rewards import RewardError, RewardSet
 from r1jax.train.rl import RLConfig, train_grpo
 
 STAGES = (
@@ -169,9 +169,15 @@ def grpo_stage(
       f.write(json.dumps(row) + "\n")
     log(row)
 
-  trained, history = train_grpo(
-    model_cfg, variables, task, rewards, rl_cfg, grpo_cfg, tokenizer=tokenizer, log=write
-  )
+  try:
+    trained, history = train_grpo(
+      model_cfg, variables, task, rewards, rl_cfg, grpo_cfg, tokenizer=tokenizer, log=write
+    )
+  except RewardError as err:  # keep the policy trained so far, then stop the pipeline
+    kept = save_weights(os.path.join(directory, "at_error"), model_cfg, err.variables)
+    raise RewardError(
+      f"iteration {err.iteration}: {err}. The policy before it is in {kept}"
+    ) from err
   save_weights(os.path.join(directory, FINAL_DIR), model_cfg, trained)
   return trained, history
 
