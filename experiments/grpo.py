@@ -24,7 +24,9 @@ from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
 from experiments.flagfile import replayable_flags
 from r1jax import host_memory
 from r1jax.checkpoint import load_weights, read_config, save_weights
+from r1jax.data.task_file import TaskFileError, load_task_file
 from r1jax.data.tasks import TASKS
+from r1jax.data.tokenizer import load_tokenizer
 from r1jax.train import grpo
 from r1jax.train.rewards import REWARD_FUNCTIONS, RewardError, RewardSet
 from r1jax.train.rl import RLConfig, train_grpo
@@ -37,6 +39,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("init_from", None, "Weights directory or pretraining run workdir.")
 flags.DEFINE_string("workdir", None, "Run directory (must be new or empty).")
 flags.DEFINE_enum("task", "addition", sorted(TASKS), "Synthetic task.")
+flags.DEFINE_string(
+  "task_file",
+  None,
+  "JSONL of your own problems ({prompt, answer[, reasoning, split]} per line; "
+  "r1jax.data.task_file); replaces --task.",
+)
+flags.DEFINE_string("tokenizer", "bytes", "bytes | task | a tokenizer.json: the model's.")
 flags.DEFINE_string("rewards", "r1_zero", "r1_zero | reasoning | NAME:WEIGHT,...")
 for field in dataclasses.fields(RLConfig):
   kind = {int: flags.DEFINE_integer, float: flags.DEFINE_float}[type(field.default)]
@@ -86,6 +95,17 @@ def main(argv):
       raise ValueError(f"--workdir: {FLAGS.workdir} is not empty; GRPO runs start in a new one")
     rewards = reward_set(FLAGS.rewards)
     rl_cfg = RLConfig(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(RLConfig)})
+    try:
+      tokenizer = load_tokenizer(FLAGS.tokenizer)
+    except (ValueError, OSError) as err:
+      raise ValueError(f"--{err}") from None
+    task = TASKS[FLAGS.task]
+    if FLAGS.task_file:
+      try:
+        task = load_task_file(FLAGS.task_file)
+        task.check_prompts(tokenizer.encode, rl_cfg.max_prompt_len)
+      except TaskFileError as err:
+        raise ValueError(f"--task_file: {err}") from None
     grpo_cfg = grpo.GRPOConfig(
       **{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(grpo.GRPOConfig)}
     )
@@ -103,7 +123,7 @@ def main(argv):
         "rl": dataclasses.asdict(rl_cfg),
         "grpo": dataclasses.asdict(grpo_cfg),
         "rewards": dict(rewards.weights),
-        "task": FLAGS.task,
+        "task": FLAGS.task_file or FLAGS.task,
       },
       f,
       indent=2,
@@ -123,7 +143,7 @@ def main(argv):
 
   try:
     trained, _ = train_grpo(
-      model_cfg, variables, TASKS[FLAGS.task], rewards, rl_cfg, grpo_cfg, log=log
+      model_cfg, variables, task, rewards, rl_cfg, grpo_cfg, tokenizer=tokenizer, log=log
     )
   except RewardError as err:
     kept = save_weights(os.path.join(FLAGS.workdir, "at_error"), model_cfg, err.variables)

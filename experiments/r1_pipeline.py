@@ -32,8 +32,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
 
 import jax
 from absl import app, flags, logging
@@ -80,6 +83,14 @@ flags.DEFINE_integer("student_pretrain_steps", 1000, "Student pretraining steps.
 flags.DEFINE_integer("batch_size", 32, "Rows per training step (all training stages).")
 flags.DEFINE_integer("seq_len", 128, "Tokens per row (documents are packed).")
 flags.DEFINE_float("learning_rate", 3e-3, "Pretraining peak learning rate.")
+flags.DEFINE_enum(
+  "lr_schedule",
+  "wsd",
+  ["cosine", "wsd", "constant"],
+  "Every training stage's schedule (r1jax.train.optim). wsd holds the peak while the scratchpad "
+  "skill appears (suddenly, late in pretraining) and decays only at the end.",
+)
+flags.DEFINE_float("decay_fraction", 0.2, "wsd: the final fraction of the steps that decays.")
 # --- SFT stages
 flags.DEFINE_integer("cold_start_examples", 512, "Reference chains of thought for the cold start.")
 flags.DEFINE_integer("sft_steps", 150, "Steps of each SFT stage.")
@@ -100,6 +111,20 @@ flags.DEFINE_integer("eval_samples", 4, "Samples per held-out problem (pass@1 av
 flags.DEFINE_float(
   "min_think_accuracy", 0.3, "Below this base accuracy when thinking, RL is not expected to work."
 )
+flags.DEFINE_bool(
+  "parallel_stages",
+  True,
+  "Run independent stages in a second process: the student's pretraining beside the "
+  "teacher's, the cold-start chain (cold_start_sft .. rejection_sft) beside R1-Zero. On 2 cores "
+  "two of these small processes run at ~1.9x the throughput of one.",
+)
+flags.DEFINE_list(
+  "only_stages", [], "Run just these stages, in order, and exit (what --parallel_stages starts)."
+)
+# What --parallel_stages runs in the second process: stages that need only the corpus, and the
+# chain that needs only the base model.
+BESIDE_BASE = ("student_base",)
+BESIDE_R1_ZERO = ("cold_start_sft", "reasoning_grpo", "rejection_sampling", "rejection_sft")
 _PROMPT_LEN = 12  # "dddd+dddd=": 10 bytes, left-padded
 
 
@@ -144,6 +169,8 @@ def train_config(steps: int, learning_rate: float, mtp: bool) -> TrainConfig:
     batch_size=FLAGS.batch_size,
     seq_len=FLAGS.seq_len,
     learning_rate=learning_rate,
+    lr_schedule=FLAGS.lr_schedule,
+    decay_fraction=FLAGS.decay_fraction,
     warmup_steps=min(50, steps // 10),
     seed=FLAGS.seed,
     log_every=max(steps // 10, 1),
@@ -160,6 +187,8 @@ class Pipeline:
     self.tokenizer = load_tokenizer(FLAGS.tokenizer)
     self.results: dict[str, dict] = {}
     self.rl_history: dict[str, list[dict]] = {}
+    self.skipped: list[str] = []  # finished by an earlier run
+    self.beside: set[str] = set()  # run by this run's second process
 
   def dir(self, stage: str) -> str:
     return os.path.join(FLAGS.workdir, stage)
@@ -194,8 +223,12 @@ class Pipeline:
   def run_stage(self, stage: str, body) -> dict:
     done = stages.finished(self.dir(stage))
     if done is not None:
-      print(f"== {stage}: finished earlier ({done.get('seconds', 0):.0f} s), skipped")
+      row = "  ".join(f"{k} {done[k]:.3f}" for k in EVAL_METRICS if k in done)
+      how = "(in the second process)" if stage in self.beside else ": finished earlier, skipped"
+      print(f"== {stage} {how}: {row}  ({done.get('seconds', 0):.0f} s)".replace(" :", ":"))
       self.results[stage] = done
+      if stage not in self.beside:
+        self.skipped.append(stage)
       return done
     print(f"== {stage}", flush=True)
     os.makedirs(self.dir(stage), exist_ok=True)
@@ -316,37 +349,98 @@ class Pipeline:
       {"prompt": p.prompt, "response": self.task.reference_completion(p, True)} for p in problems
     ]
 
+  def bodies(self) -> dict[str, Callable[[], dict]]:
+    """Each stage's work; a stage reads only the `final/` weights or samples of earlier ones."""
+    return {
+      "base": lambda: self.pretrain("base", self.teacher, FLAGS.pretrain_steps),
+      "r1_zero": lambda: self.grpo("r1_zero", "base", R1_ZERO_REWARDS, FLAGS.r1_zero_iterations),
+      "cold_start_sft": lambda: self.sft("cold_start_sft", "base", self.cold_start_records()),
+      "reasoning_grpo": lambda: self.grpo(
+        "reasoning_grpo", "cold_start_sft", REASONING_REWARDS, FLAGS.reasoning_iterations
+      ),
+      "rejection_sampling": self.rejection,
+      "rejection_sft": lambda: self.sft_on_kept("rejection_sft", "base"),
+      "student_base": lambda: self.pretrain(
+        "student_base", self.student, FLAGS.student_pretrain_steps
+      ),
+      "student_distilled": lambda: self.sft_on_kept("student_distilled", "student_base"),
+    }
+
+  def run_stages(self, names: Sequence[str]) -> None:
+    bodies = self.bodies()
+    for name in names:
+      self.run_stage(name, bodies[name])
+
+  def start_beside(self, names: Sequence[str]) -> subprocess.Popen | None:
+    """Starts `names` in a child process (this command with --only_stages), its output to the
+    first stage's beside.log; None when they are all finished."""
+    unfinished = [n for n in names if stages.finished(self.dir(n)) is None]
+    if not unfinished:
+      return None
+    self.beside.update(unfinished)
+    os.makedirs(self.dir(names[0]), exist_ok=True)
+    log_path = os.path.join(self.dir(names[0]), "beside.log")
+    print(f"== {', '.join(names)}: in a second process (log: {log_path})", flush=True)
+    with open(log_path, "a") as log:
+      return subprocess.Popen(
+        [
+          sys.executable,
+          "-m",
+          "experiments.r1_pipeline",
+          *sys.argv[1:],
+          f"--only_stages={','.join(names)}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
+
+  def join_beside(self, names: Sequence[str], child: subprocess.Popen | None) -> None:
+    """Waits for `start_beside`'s child, then reports its stages (loaded from disk); a stage the
+    child did not finish runs here (a training stage from the child's newest checkpoint)."""
+    if child is not None:
+      if child.poll() is None:
+        print(f"== waiting for the second process ({', '.join(names)})", flush=True)
+      code = child.wait()
+      if code != 0:
+        log_path = os.path.join(self.dir(names[0]), "beside.log")
+        print(
+          f"warning: the second process exited with code {code} (log: {log_path}); its "
+          "unfinished stages run here",
+          flush=True,
+        )
+    self.run_stages(names)
+
   def run(self) -> None:
-    t, s = self.teacher, self.student
-    base = self.run_stage("base", lambda: self.pretrain("base", t, FLAGS.pretrain_steps))
-    if base["think_acc"] < FLAGS.min_think_accuracy:
+    parallel = FLAGS.parallel_stages
+    student = self.start_beside(BESIDE_BASE) if parallel else None
+    self.run_stages(["base"])
+    think_acc = self.results["base"]["think_acc"]
+    if think_acc < FLAGS.min_think_accuracy:
       print(
-        f"warning: the base model is right {base['think_acc']:.0%} of the time when it thinks "
+        f"warning: the base model is right {think_acc:.0%} of the time when it thinks "
         f"(< --min_think_accuracy={FLAGS.min_think_accuracy}): its scratchpad does not work yet, "
         "so RL from it is not expected to gain much; pretrain longer (--pretrain_steps)",
         flush=True,
       )
-    self.run_stage(
-      "r1_zero", lambda: self.grpo("r1_zero", "base", R1_ZERO_REWARDS, FLAGS.r1_zero_iterations)
-    )
-    self.run_stage(
-      "cold_start_sft", lambda: self.sft("cold_start_sft", "base", self.cold_start_records())
-    )
-    self.run_stage(
-      "reasoning_grpo",
-      lambda: self.grpo(
-        "reasoning_grpo", "cold_start_sft", REASONING_REWARDS, FLAGS.reasoning_iterations
-      ),
-    )
-    self.run_stage("rejection_sampling", self.rejection)
-    self.run_stage("rejection_sft", lambda: self.sft_on_kept("rejection_sft", "base"))
-    self.run_stage(
-      "student_base", lambda: self.pretrain("student_base", s, FLAGS.student_pretrain_steps)
-    )
-    self.run_stage(
-      "student_distilled",
-      lambda: self.sft_on_kept("student_distilled", "student_base"),
-    )
+    chain = self.start_beside(BESIDE_R1_ZERO) if parallel else None
+    self.run_stages(["r1_zero"])
+    self.join_beside(BESIDE_R1_ZERO, chain)
+    self.join_beside(BESIDE_BASE, student)
+    self.run_stages(["student_distilled"])
+
+
+def run_alone(teacher: ModelConfig, student: ModelConfig, flags_text: str) -> None:
+  """--only_stages: those stages in order, exiting if the pipeline that started them dies (a
+  killed pipeline must not leave a second writer behind when it is rerun)."""
+  parent = os.getppid()
+
+  def exit_with_parent():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(3)
+
+  threading.Thread(target=exit_with_parent, daemon=True).start()
+  Pipeline(teacher, student, flags_text).run_stages(FLAGS.only_stages)
 
 
 def plot_rl(workdir: str) -> str | None:
@@ -398,8 +492,17 @@ def main(argv):
     teacher, student = model_configs()
   except (ValueError, TypeError) as err:
     exit_on_bad_input(str(err))
+  unknown = [n for n in FLAGS.only_stages if n not in stages.STAGES]
+  if unknown:
+    exit_on_bad_input(f"--only_stages: unknown {unknown}; stages are {list(stages.STAGES)}")
   os.makedirs(FLAGS.workdir, exist_ok=True)
   flags_text = replayable_flags(header="python -m experiments.r1_pipeline --flagfile=<this file>")
+  flags_text = "".join(  # a stage run beside records the pipeline's flags, not its own role
+    line for line in flags_text.splitlines(keepends=True) if not line.startswith("--only_stages")
+  )
+  if FLAGS.only_stages:
+    run_alone(teacher, student, flags_text)
+    return
   with open(os.path.join(FLAGS.workdir, "flags.txt"), "w") as f:
     f.write(flags_text)
   started = time.perf_counter()
@@ -422,7 +525,10 @@ def main(argv):
   print(
     f"results: {os.path.join(FLAGS.workdir, 'results.json')}" + (f", plot: {plot}" if plot else "")
   )
-  print(f"wall time {time.perf_counter() - started:.0f} s")
+  wall = time.perf_counter() - started
+  with open(os.path.join(FLAGS.workdir, "wall_time.json"), "w") as f:  # this invocation's
+    json.dump({"wall_seconds": wall, "stages_skipped": pipeline.skipped}, f)
+  print(f"wall time {wall:.0f} s")
   sys.stdout.flush()
 
 

@@ -62,3 +62,36 @@ def test_bad_flags_exit_2(weights, tmp_path, flag, message):
   proc = _run(f"--init_from={weights}", f"--workdir={tmp_path / 'run'}", flag)
   assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # a child process
+def test_a_task_file_with_a_bad_line_exits_2_naming_it_before_anything_is_written(
+  weights, tmp_path
+):
+  problems = tmp_path / "problems.jsonl"
+  problems.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2=", "answer": }\n')
+  proc = _run(f"--init_from={weights}", f"--workdir={tmp_path / 'run'}", f"--task_file={problems}")
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith(f"error: --task_file: task file {problems}: 1 malformed line(s)")
+  assert "line 2: not JSON" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # a child process that compiles
+def test_grpo_trains_on_a_task_file(weights, tmp_path):
+  problems = tmp_path / "problems.jsonl"
+  problems.write_text(
+    "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(20))
+  )
+  proc = _run(
+    f"--init_from={weights}",
+    f"--workdir={tmp_path / 'run'}",
+    f"--task_file={problems}",
+    "--iterations=1",
+    "--prompts_per_iteration=2",
+    "--group_size=2",
+    "--max_new_tokens=4",
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.load(open(tmp_path / "run" / "config.json"))["task"] == str(problems)
+  assert (tmp_path / "run" / "final").is_dir()

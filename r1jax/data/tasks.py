@@ -541,7 +541,11 @@ def make_task(name: str, **options) -> Task:
 
 
 def verify(problem: Problem, answer_text: str) -> bool:
-  """Checks `answer_text` with the verifier of the problem's task."""
+  """Checks `answer_text` with the verifier of the problem's task (a problem that carries its
+  own check, like a task file's `FileProblem`, is checked by that)."""
+  own = getattr(problem, "verify_answer", None)
+  if own is not None:
+    return own(answer_text)
   return TASKS[problem.task].verify(problem, answer_text)
 
 

@@ -188,6 +188,8 @@ def final_weights(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
 
 
 def table(results: dict[str, dict]) -> str:
+  """One row per stage; "-" where a stage has no such metric (think_acc is measured on the
+  pretrained models only), nan seconds for a stage that did not run."""
   head = f"{'stage':<19}" + "".join(f"{m:>12}" for m in EVAL_METRICS) + f"{'seconds':>9}"
   lines = [head, "-" * len(head)]
   for stage in STAGES:
@@ -201,7 +203,7 @@ def table(results: dict[str, dict]) -> str:
       continue
     lines.append(
       f"{stage:<19}"
-      + "".join(f"{r.get(m, math.nan):12.3f}" for m in EVAL_METRICS)
+      + "".join(f"{r[m]:12.3f}" if m in r else f"{'-':>12}" for m in EVAL_METRICS)
       + f"{r.get('seconds', math.nan):9.0f}"
     )
   return "\n".join(lines)
