@@ -108,6 +108,48 @@ def test_small_capacity_drops_exactly_the_overflow(impl, capacity_factor):
   assert not np.any(np.asarray(got_grads[1])[~kept])  # no gradient to a dropped pair's weight
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_decode_sizes_take_the_pair_loop_and_match_the_reference(capacity_factor):
+  """T*K <= 2E (here 4 tokens x 3 = 12 pairs over 8 experts): the xla impl loops over the
+  pairs instead of the grouped matmuls; values and all four gradients as the dense reference,
+  dropped pairs included."""
+  x, weights, experts, wi, wo = (a[:4] if a.shape[0] == T else a for a in _inputs(seed=5))
+  experts[1, 0] = experts[0, 0]  # two tokens on one expert
+  cotangent = np.random.default_rng(7).standard_normal((4, D)).astype(np.float32)
+  fn = jax.jit(lambda *a: routed_experts(*a, impl="xla", capacity_factor=capacity_factor))
+  jaxpr = str(jax.make_jaxpr(fn)(x, weights, experts, wi, wo))
+  assert "scan" in jaxpr  # the pair loop (a fori_loop of static length)
+  if capacity_factor is None:
+    assert " sort[" not in jaxpr  # no dispatch sort
+  kept = np.ones(experts.shape, bool)
+  if capacity_factor:
+    kept = np_kept(experts, expert_capacity(capacity_factor, 4, K, E))
+    assert not kept.all()
+
+  def dense_kept(x, weights, experts, wi, wo):
+    return routed_experts_dense_reference(x, jnp.where(kept, weights, 0.0), experts, wi, wo)
+
+  got, got_grads = _value_and_grads(fn, x, weights, experts, wi, wo, cotangent)
+  want, want_grads = _value_and_grads(dense_kept, x, weights, experts, wi, wo, cotangent)
+  _assert_rel_close(got, want, 1e-5)
+  for g, w in zip(got_grads, want_grads, strict=True):
+    _assert_rel_close(g, w, 1e-5)
+
+
+def test_the_pair_loop_skips_foreign_expert_ids_and_runs_in_bfloat16():
+  x, weights, experts, wi, wo = (a[:4] if a.shape[0] == T else a for a in _inputs(seed=6))
+  foreign = experts.copy()
+  foreign[:, -1] = E  # "no expert here": another shard's pair under expert parallelism
+  got = routed_experts(x, weights, foreign, wi, wo, impl="xla", drop_id=True)
+  want = routed_experts_dense_reference(x, weights[:, :-1], experts[:, :-1], wi, wo)
+  _assert_rel_close(got, want, 1e-5)
+  got16 = jax.jit(lambda *a: routed_experts(*a, impl="xla"))(
+    jnp.asarray(x, jnp.bfloat16), weights, experts, wi, wo
+  )
+  assert got16.dtype == jnp.bfloat16
+  _assert_rel_close(got16, routed_experts_dense_reference(x, weights, experts, wi, wo), 3e-2)
+
+
 def test_bfloat16_compute_dtype():
   x, weights, experts, wi, wo = _inputs(seed=3)
   want = routed_experts_dense_reference(x, weights, experts, wi, wo)

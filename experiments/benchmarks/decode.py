@@ -45,29 +45,31 @@ cache out of the stack and stacks the updated one back every step, copying the w
 (both forms), 3.8x slower for the absorbed form below. `Generator` decodes with the config's
 scan_layers (True by default), so its steps pay this.
 
-Measured on 2026-11-24 on the 2-core CPU VM (jax 0.10.2), shared (load average ~4), defaults:
-  context  512: absorbed 50.99 ms/step  78.4 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
-                naive    53.05 ms/step  75.4 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
-  context 4096: absorbed 69.92 ms/step  57.2 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
-                naive    79.23 ms/step  50.5 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
-  absorbed/naive tokens/s at 4096: 1.13   (an earlier run at 4096 alone: 55.2 / 61.2 ms, 1.11)
-Other settings, same day, at 4096 (tokens/s ratio absorbed/naive):
-  --batch=1: 23.6 / 99.3 ms/step, 4.22: the batch-1 cache copies above, not the attention.
-  --scan_layers: 263.6 / 620.0 ms/step, 2.35: the scan's cache copies.
-  naive cache laid out [b, T, h, d] as DeepSeek's (r1jax.layers.mla says why it is not): 82.9 /
-    268.2 ms/step, 3.24: XLA:CPU transposes the whole key and value caches every step.
+Measured on 2026-11-24 on the 2-core CPU VM (jax 0.10.2), otherwise idle, defaults, after the
+MoE layers' decode-size pair loop (r1jax.layers.experts) replaced the grouped matmuls there:
+  context  512: absorbed 14.24 ms/step 280.9 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
+                naive    14.34 ms/step 279.0 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+  context 4096: absorbed 25.25 ms/step 158.4 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+                naive    29.52 ms/step 135.5 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
+  absorbed/naive tokens/s at 4096: 1.17
+Other settings, same day, at 4096 (absorbed / naive ms per step, tokens/s ratio):
+  --batch=1: 17.1 / 59.1, 3.46: at batch 1 XLA:CPU transposes each layer's cache for the
+    attention products (a copy per layer and step, in the optimized HLO), 8x more for naive.
+  --batch=8: 34.4 / 44.4, 1.29.
+  Before the pair loop (load ~4): batch 4 69.9 / 79.2 ms (1.13), --scan_layers 263.6 / 620.0
+  (2.35: the scan's cache copies), the naive cache laid out [b, T, h, d] as DeepSeek's 82.9 /
+  268.2 (3.24: XLA:CPU transposes the whole key and value caches every step).
 
-So the absorbed cache is 8x smaller (exactly as predicted) but only ~1.1x faster per step
-here, where neither form copies its cache. Per MLA layer alone (batch 4, cache donated) it is
-3.7 against 5.5 ms at 4096 tokens (0.97 against 1.12 ms at 512): the naive core streams its
-80 MiB per layer at ~14 GB/s, near the machine's bandwidth, while the absorbed core's products,
-8 query rows per sequence (the heads) against the latent, read their 18 MiB (the latent twice,
-the RoPE key once) at ~6 GB/s on XLA:CPU; other orders of its einsums (t-major scores and
-values, one [c + r] array) measured within noise. The rest of the step (~25-50 ms: MoE
-dispatch, head, projections) is the same for both forms. Before the change to
-`pallas_kernels.gmm` made with this benchmark (skip empty expert groups; tail tiles shrunk to
-the rows a group averages) a MoE layer took 28-36 ms at 4 tokens against 3-6 ms now, and the
-ratio at 4096 was 1.05 (71.0 / 74.5 ms/step).
+So the absorbed cache is 8x smaller (exactly as predicted) but only ~1.2x faster per step at
+batch 4, where neither form copies its cache. A profile of the step (jax.profiler, 4096 tokens)
+puts an absorbed MLA layer at ~3.6 ms: the scores product `bshc,btc->bsht` 1.8 ms and the RoPE
+scores 1.0 ms, though they read 8 and 2 MiB, against 0.8 ms for the values product
+`bsht,btc->bshc` over the same 8 MiB. The 8 heads make the scores a skinny matrix product
+against the transposed latent, which XLA:CPU's dot kernels run at ~4.5 GB/s, while the naive
+form's per-head products (one query row each) stream its 80 MiB per layer at ~18 GB/s. Other
+orders of the einsums (latent-major scores, one [c + r] array, bth outputs) measured the same
+or slower in a micro-benchmark with the caches out of L3. The rest of the step (~12 ms: MoE,
+head, projections) is the same for both forms; before the pair loop it was ~50 ms.
 """
 
 from __future__ import annotations

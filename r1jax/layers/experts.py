@@ -18,6 +18,13 @@ most C = ceil(cf * T * K / E) pairs, first come first served in token order. A d
 gets weight zero and the extra expert id E, which the stable sort places behind every kept
 row; the grouped matmuls stop at sum(group_sizes[:E]) and leave those rows zero, so dropped
 pairs cost no expert FLOPs and contribute nothing to the output or to any gradient.
+
+Decode sizes (the xla impl, R <= 2E: most experts get at most a pair or two, as when a decode
+step routes a few tokens) skip the sort and the grouped matmuls: a loop over the R pairs runs
+one vector-matrix product per pair against its expert's weights, read in place. On the 2-core
+CPU VM (`small`'s experts, E 64, D 512, F 256, K 6; 2026-11-24) a layer's routed experts took
+2.7 against 7.3 ms at 4 tokens, 4.5 against 14.3 at 8, and 9.0 against 33 at 16: the grouped
+loops copy each used expert's weights before a matmul of one or two rows.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels import gmm, inverse_permutation, permute, unpermute
+from pallas_kernels._impl import resolve_impl
 
 
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
@@ -112,12 +121,38 @@ def routed_experts(
     weights = jnp.where(keep, weights, 0)
     experts = jnp.where(keep, experts, e)  # the overflow id, sorted behind the kept rows
     num_ids = e + 1
+  if resolve_impl(impl, "routed_experts") == "xla" and t * k <= 2 * e:
+    return _pairwise_experts(x, weights, experts, wi.reshape(e, -1, 2 * f), wo)
   x_sorted, group_sizes, perm = permute(x, experts, num_ids, impl=impl)
   group_sizes = group_sizes[:e]
   h = gmm(x_sorted, wi.astype(x.dtype), group_sizes, impl=impl)
   a = jax.nn.silu(h[:, :f]) * h[:, f:]
   y = gmm(a, wo.astype(x.dtype), group_sizes, impl=impl)
   return unpermute(y, perm, weights, impl=impl)
+
+
+def _pairwise_experts(x, weights, experts, wi, wo) -> jax.Array:
+  """One (token, expert) pair per loop step: x[t] @ wi[e], SwiGLU, @ wo[e], weighted into
+  out[t]. An id >= E (dropped, or another shard's) contributes nothing and reads no weights."""
+  t, k = experts.shape
+  e, f = wo.shape[0], wo.shape[1]
+  flat, w_flat = experts.reshape(-1), weights.reshape(-1)
+
+  def pair(p, out):
+    token, expert = p // k, flat[p]
+
+    def run(out):
+      # float32 products, as the grouped loops (XLA:CPU has no bf16 x bf16 -> f32 dot in loops)
+      xe = lax.dynamic_index_in_dim(x, token, 0, keepdims=False).astype(jnp.float32)
+      h = jnp.dot(xe, wi[expert].astype(jnp.float32))
+      a = jax.nn.silu(h[:f]) * h[f:]
+      y = jnp.dot(a.astype(x.dtype).astype(jnp.float32), wo[expert].astype(jnp.float32))
+      return out.at[token].add(w_flat[p].astype(jnp.float32) * y)
+
+    return lax.cond(expert < e, run, lambda out: out, out)
+
+  out = lax.fori_loop(0, t * k, pair, jnp.zeros((t, x.shape[1]), jnp.float32))
+  return out.astype(x.dtype)
 
 
 def routed_experts_dense_reference(
