@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import typing
 
@@ -20,7 +19,7 @@ from experiments.flagfile import replayable_flags
 from r1jax import ModelConfig, distributed, host_memory, param_count, sharding
 from r1jax.checkpoint import load_weights, read_config
 from r1jax.data.pipeline import SOURCES, DataConfig, make_pipeline
-from r1jax.train import trainer
+from r1jax.train import paths, trainer
 from r1jax.train.loop import TrainConfig, check_fits
 from r1jax.train.optim import SCHEDULES, WEIGHT_DECAY_MASKS
 
@@ -172,13 +171,13 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, DataConfig]:
 
 def _check_workdir(workdir: str) -> None:
   """A workdir is new, empty, or an r1jax run (resumed); anything else is left untouched."""
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    if not os.path.exists(os.path.join(workdir, "flags.txt")):
+  if paths.isdir(workdir) and paths.listdir(workdir):
+    if not paths.exists(paths.join(workdir, "flags.txt")):
       raise ValueError(
         f"--workdir: {workdir} is not empty and holds no r1jax run (no flags.txt); "
         "choose a new directory"
       )
-  elif os.path.exists(workdir) and not os.path.isdir(workdir):
+  elif paths.exists(workdir) and not paths.isdir(workdir):
     raise ValueError(f"--workdir: {workdir} is a file; choose a directory")
 
 
@@ -240,7 +239,7 @@ def main(argv, job: str) -> None:
   workdir = FLAGS.workdir
   if not workdir:
     print("no --workdir: no run record, metrics files or checkpoints are kept")
-  elif not os.path.exists(os.path.join(workdir, "flags.txt")):
+  elif not paths.exists(paths.join(workdir, "flags.txt")):
     command = f"python -m experiments.{job} --flagfile=<this file> [--workdir=NEW_DIR]"
     flags_text = replayable_flags(("experiments.train_main",), header=command)
     trainer.write_run_record(workdir, flags_text, model_cfg, train_cfg, mesh, data_cfg)

@@ -4,7 +4,8 @@ r"""Runs an experiment as a multi-process job on this machine: N CPU processes, 
     --preset=tiny --num_steps=3 --mesh=data=2,expert=4
 
 Launcher flags come before `--`; everything after it goes unchanged to every process's
-`python -m experiments.<job>`, a `--flagfile=FILE` included (after `--`: the launcher itself takes
+`python -m launch.worker --job=<job> -- ...` (the per-process entry the cluster launchers use
+too), which runs `python -m experiments.<job>` with them, a `--flagfile=FILE` included (after `--`: the launcher itself takes
 only the four flags that `--help` lists). Process i gets JAX_PLATFORMS=cpu, XLA_FLAGS with
 --xla_force_host_platform_device_count=D (replacing any such flag already there, keeping the
 rest) and the R1JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), R1JAX_NUM_PROCESSES and
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 
 from experiments.flag_errors import exit_on_bad_input
+from launch.worker import MULTI_PROCESS_JOBS, known_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -149,13 +150,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--devices_per_process", type=int, default=1, help="CPU devices each")
   parser.add_argument("--timeout", type=float, help="kill all after this many seconds")
   args = parser.parse_args(argv)
-  if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", args.job) or not os.path.isfile(
-    os.path.join(ROOT, "experiments", *args.job.split(".")) + ".py"
-  ):
+  if not known_job(args.job):
     exit_on_bad_input(f"--job: unknown {args.job!r}; expected a module experiments/<job>.py")
   for name in ("num_processes", "devices_per_process"):
     if getattr(args, name) < 1:
       exit_on_bad_input(f"--{name}: must be at least 1, got {getattr(args, name)}")
+  if args.num_processes > 1 and args.job not in MULTI_PROCESS_JOBS:
+    exit_on_bad_input(
+      f"--job: {args.job} runs in one process; multi-process jobs: {', '.join(MULTI_PROCESS_JOBS)}"
+    )
   if args.timeout is not None and not args.timeout > 0:
     exit_on_bad_input(f"--timeout: must be positive seconds, got {args.timeout:g}")
   return args
@@ -167,7 +170,7 @@ def main(argv: Sequence[str]) -> int:
   split = argv.index("--") if "--" in argv else len(argv)
   args = parse_args(argv[:split])
   n, port = args.num_processes, free_port()
-  command = [sys.executable, "-m", f"experiments.{args.job}", *argv[split + 1 :]]
+  command = [sys.executable, "-m", "launch.worker", f"--job={args.job}", "--", *argv[split + 1 :]]
   envs = [process_env(i, n, args.devices_per_process, port, dict(os.environ)) for i in range(n)]
   return run_processes([command] * n, envs, args.timeout)
 

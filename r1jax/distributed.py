@@ -2,7 +2,8 @@
 
 Order of precedence: explicit arguments (an experiment's --coordinator_address, --num_processes,
 --process_id), then the environment variables R1JAX_COORDINATOR_ADDRESS, R1JAX_NUM_PROCESSES and
-R1JAX_PROCESS_ID (what `launch/local.py` sets), then JAX's own cluster detection (Cloud TPU,
+R1JAX_PROCESS_ID (what `launch/worker.py` settles for every launcher; R1JAX_LOCAL_DEVICE_IDS, a
+comma list, restricts the process to those local devices, e.g. one GPU each), then JAX's own cluster detection (Cloud TPU,
 SLURM), which needs no arguments. On CPU the collectives between processes go over gloo.
 """
 
@@ -54,11 +55,14 @@ def initialize(
     return False
   if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or _cpu_only():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  local = os.environ.get("R1JAX_LOCAL_DEVICE_IDS")
+  local_device_ids = [int(i) for i in local.split(",")] if local else None
   if present:
     jax.distributed.initialize(
       coordinator_address=present["coordinator_address"],
       num_processes=int(present["num_processes"]),
       process_id=int(present["process_id"]),
+      local_device_ids=local_device_ids,
     )
   else:
     jax.distributed.initialize()

@@ -185,3 +185,26 @@ def test_sequence_balance_loss_matches_the_formula():
     want += (f * p).sum() / b
   got = sequence_balance_loss(jnp.asarray(scores), jnp.asarray(experts), e, b)
   assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_routing_collection_records_each_tokens_experts_and_changes_nothing():
+  """The opt-in "routing" collection: ids whose histogram is moe_stats' expert load, weights
+  renormalised as configured, and logits identical to a plain apply."""
+  from r1jax import Transformer
+
+  cfg = ModelConfig.from_preset("tiny")
+  model = Transformer(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
+  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  logits, state = model.apply(variables, tokens, mutable=["routing", "moe_stats"])
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(model.apply(variables, tokens)))
+  routing = state["routing"]["moe_layers"]["moe"]
+  load = state["moe_stats"]["moe_layers"]["moe"]["expert_load"]
+  ids, weights = np.asarray(routing["expert_ids"]), np.asarray(routing["weights"])
+  n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+  assert ids.shape == (n_moe, 2, 8, cfg.num_experts_per_tok) == weights.shape
+  for layer in range(n_moe):
+    counts = np.bincount(ids[layer].ravel(), minlength=cfg.n_routed_experts)
+    np.testing.assert_array_equal(counts, np.asarray(load[layer]))
+  if cfg.norm_topk_prob:
+    np.testing.assert_allclose(weights.sum(-1), cfg.routed_scaling_factor, rtol=1e-5)

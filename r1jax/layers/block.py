@@ -58,7 +58,7 @@ def block_stack(cfg: ModelConfig, use_moe: bool, length: int, decode: bool):
     return _Unrolled(cfg, use_moe, length, decode)
   scanned = nn.scan(
     remat_block(cfg, decode, prevent_cse=False),  # scan already keeps XLA from merging layers
-    variable_axes={"params": 0, "cache": 0, "router_bias": 0, "moe_stats": 0},
+    variable_axes={"params": 0, "cache": 0, "router_bias": 0, "moe_stats": 0, "routing": 0},
     split_rngs={"params": True},
     in_axes=(nn.broadcast, nn.broadcast),
     length=length,

@@ -18,6 +18,9 @@ State outside the gradient, each in its own collection:
                  sequence-wise loss, already times aux_loss_alpha) and router_z (ST-MoE's
                  z-loss, mean over tokens of logsumexp(logits)^2, unweighted: the trainer
                  weights it); written only when the collection is mutable in `apply`.
+  "routing"      expert_ids [b, s, K] int32 and weights [b, s, K] float32: each token's chosen
+                 experts, for inspection (a notebook's routing table); written only when the
+                 collection is mutable, so training never pays for it.
 """
 
 from __future__ import annotations
@@ -107,6 +110,16 @@ class MoE(nn.Module):
     )
     if self.is_mutable_collection("moe_stats"):
       self._record_stats(logits, experts, counts, b)
+    if self.is_mutable_collection("routing"):
+      # Routed again outside the dispatch (cheap, deterministic): the same choice, with weights.
+      weights, chosen, _ = route_tokens(logits, bias, cfg)
+      k = cfg.num_experts_per_tok
+      self.variable(
+        "routing", "expert_ids", jnp.zeros, (b, s, k), jnp.int32
+      ).value = chosen.reshape(b, s, k)
+      self.variable(
+        "routing", "weights", jnp.zeros, (b, s, k), jnp.float32
+      ).value = weights.reshape(b, s, k)
     return out + routed.reshape(b, s, m)
 
   def _record_stats(self, logits, experts, counts, batch):

@@ -11,11 +11,12 @@ one before it is tried, so one bad save never loses the run.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from r1jax.train import paths
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -26,7 +27,7 @@ class TrainCheckpoints:
   def __init__(self, workdir: str, *, save_every: int, keep: int, log: Callable[[str], None]):
     if save_every < 1 or keep < 1:
       raise ValueError(f"save_every, keep: must be >= 1, got {save_every}, {keep}")
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.directory = paths.join(paths.resolve(workdir), CHECKPOINT_DIR)
     self._log = log
     self._save_every = save_every
     self._manager = ocp.CheckpointManager(
@@ -76,14 +77,14 @@ class TrainCheckpoints:
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step directory (never deletes it) so the run can save that step
     again; orbax then no longer lists it."""
-    source = os.path.join(self.directory, str(step))
+    source = paths.join(self.directory, str(step))
     target, n = f"{source}.unreadable", 1
-    while os.path.exists(target):
+    while paths.exists(target):
       n += 1
       target = f"{source}.unreadable{n}"
-    os.rename(source, target)
+    paths.rename(source, target)
     self._manager.reload()
-    return os.path.basename(target)
+    return target.rsplit("/", 1)[-1]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

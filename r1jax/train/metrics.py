@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from r1jax.config import ModelConfig
 from r1jax.sizing import active_param_count
+from r1jax.train import paths
 
 # bf16 dense peak FLOP/s per chip (vendor figures), matched against jax's device_kind.
 PEAK_FLOPS = {
@@ -73,26 +73,32 @@ class MetricsWriter:
   """Appends each logged row to WORKDIR/metrics.jsonl and to TensorBoard event files.
 
   Only process 0 writes. Arrays (e.g. per-layer expert load) go to the JSONL file as lists and
-  to TensorBoard as one scalar per element.
+  to TensorBoard as one scalar per element. On an object store (gs://) the JSONL rows are
+  batched: written every `remote_flush_s` seconds and at `flush` / `close` (the trainer flushes
+  with every checkpoint), as each write rewrites the object.
   """
 
-  def __init__(self, workdir: str | None):
+  def __init__(self, workdir: str | None, remote_flush_s: float = 60.0):
     """workdir None: nothing is written (a run without a run directory)."""
     self.active = jax.process_index() == 0 and workdir is not None
-    self.path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+    self.path = paths.join(workdir, "metrics.jsonl") if workdir else None
+    self._remote = bool(workdir) and paths.is_remote(workdir)
+    self._pending: list[str] = []
+    self._flush_s, self._flushed = remote_flush_s, time.monotonic()
     self._tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, row: dict[str, Any]) -> None:
     if not self.active:
       return
     plain = {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in row.items()}
     plain["step"] = int(row["step"])
-    with open(self.path, "a") as f:
-      f.write(json.dumps(plain) + "\n")
+    self._pending.append(json.dumps(plain) + "\n")
+    if not self._remote or time.monotonic() - self._flushed > self._flush_s:
+      self.flush()
     for name, value in plain.items():
       if name == "step":
         continue
@@ -102,6 +108,13 @@ class MetricsWriter:
       else:
         self._tb.add_scalar(name, value, plain["step"])
 
+  def flush(self) -> None:
+    if self.active and self._pending:
+      paths.append_lines(self.path, self._pending)
+      self._pending = []
+    self._flushed = time.monotonic()
+
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()

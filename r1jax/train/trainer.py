@@ -40,6 +40,7 @@ from r1jax import sharding
 from r1jax.config import ModelConfig
 from r1jax.data.pipeline import DataConfig, DataIterator, make_pipeline
 from r1jax.model import Transformer
+from r1jax.train import paths
 from r1jax.train.checkpoints import NoCheckpoints, TrainCheckpoints
 from r1jax.train.loop import TrainConfig, check_fits, make_optimizer, make_schedule
 from r1jax.train.metrics import MetricsWriter, device_peak_flops, model_flops_per_token
@@ -123,21 +124,15 @@ def write_run_record(
   """flags.txt, config.json and run_info.json, on process 0 (before step 0)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "flags.txt"), "w") as f:
-    f.write(flags_text)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(
-      {
-        "model": dataclasses.asdict(model_cfg),
-        "train": dataclasses.asdict(train_cfg),
-        "data": dataclasses.asdict(data_cfg) if data_cfg is not None else None,
-      },
-      f,
-      indent=2,
-    )
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
-    json.dump(run_info(mesh), f, indent=2)
+  paths.makedirs(workdir)
+  paths.write_text(paths.join(workdir, "flags.txt"), flags_text)
+  configs = {
+    "model": dataclasses.asdict(model_cfg),
+    "train": dataclasses.asdict(train_cfg),
+    "data": dataclasses.asdict(data_cfg) if data_cfg is not None else None,
+  }
+  paths.write_text(paths.join(workdir, "config.json"), json.dumps(configs, indent=2))
+  paths.write_text(paths.join(workdir, "run_info.json"), json.dumps(run_info(mesh), indent=2))
 
 
 # Fields a resumed run may change: how the same computation is implemented or logged, its length.
@@ -157,11 +152,10 @@ def check_resume(
   Raises:
     ValueError: a field other than those in `_RESUMABLE_CHANGES` differs from config.json.
   """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.exists(path):
     return
-  with open(path) as f:
-    stored = json.load(f)
+  stored = json.loads(paths.read_text(path))
   now = {
     "model": dataclasses.asdict(model_cfg),
     "train": dataclasses.asdict(train_cfg),
@@ -180,18 +174,17 @@ def check_resume(
     raise ValueError(
       f"--workdir: {workdir} holds a run made with {', '.join(changed[:4])}"
       f"{' and more' if len(changed) > 4 else ''}; resume it with "
-      f"--flagfile={os.path.join(workdir, 'flags.txt')}, or use a new --workdir"
+      f"--flagfile={paths.join(workdir, 'flags.txt')}, or use a new --workdir"
     )
 
 
 def _trim_metrics(path: str, before_step: int) -> None:
   """Drops logged steps >= before_step (a resumed run logs them again)."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return
-  with open(path) as f:
-    rows = [line for line in f if line.strip() and json.loads(line)["step"] < before_step]
-  with open(path, "w") as f:
-    f.writelines(rows)
+  lines = paths.read_text(path).splitlines(keepends=True)
+  rows = [line for line in lines if line.strip() and json.loads(line)["step"] < before_step]
+  paths.write_text(path, "".join(rows))
 
 
 class _Preemption:
@@ -343,7 +336,7 @@ def run(
     data.set_state(data_state["pipeline"])
     log(f"resumed from step {start} ({checkpoints.directory})")
     if jax.process_index() == 0:
-      _trim_metrics(os.path.join(run_cfg.workdir, METRICS_FILE), start)
+      _trim_metrics(paths.join(run_cfg.workdir, METRICS_FILE), start)
   step_fn = make_train_step(model, optimizer, train_cfg.loss_config(), mesh, rules)
   writer = MetricsWriter(run_cfg.workdir)
   schedule = make_schedule(train_cfg)
@@ -372,6 +365,7 @@ def run(
       )
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
+        writer.flush()
         checkpoints.wait()
         kept = checkpoints.steps()
         raise NonFiniteLoss(
@@ -389,6 +383,7 @@ def run(
       force = last or preemption.requested
       if force or step % run_cfg.save_every == 0:
         data_state = {"next_step": step, "pipeline": global_data_state(data)}
+        writer.flush()  # metrics up to a checkpoint are never lost (gs:// batches them)
         checkpoints.save(step, state, data_state, force=force)
       if preemption.requested and not last:
         status = "preempted"
