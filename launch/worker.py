@@ -17,7 +17,8 @@ match wins:
 3. Nothing (a TPU VM, or one process): left to `r1jax.distributed.initialize`, which lets JAX
    read a multi-host TPU slice from its metadata and otherwise runs single-process.
 
-Bad input exits 2 with one line, before the job starts.
+A multi-process CPU job compiles without the persistent compilation cache (see `main`). Bad
+input exits 2 with one line, before the job starts.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ def main(argv: Sequence[str]) -> None:
       f"multi-process jobs: {', '.join(MULTI_PROCESS_JOBS)}"
     )
   env = {**os.environ, **settings}
+  if processes > 1 and env.get("JAX_PLATFORMS", "").startswith("cpu"):
+    # Gloo gives a peer 30 s to join each collective's context: a process that loads a cached
+    # executable while another compiles (one cache hit, one miss) fails the job. Compile all.
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
   command = [sys.executable, "-m", f"experiments.{args.job}", *argv[split + 1 :]]
   sys.stdout.flush()

@@ -6,7 +6,8 @@ repeats); `storage cp` fails like a 403 when $FAKE_GCS_DENY is set; `tpu-vm scp`
 the tarball's member names and its launch.flags text; `tpu-vm ssh` of the run exits
 $FAKE_RUN_EXIT (default 0).
 sbatch: records the script's text and prints a job id; with $FAKE_SBATCH_EXECUTE it runs the
-script itself, as SLURM would on the first node, with SLURM_NTASKS from the #SBATCH header.
+script itself before returning, as SLURM would on the first node (SLURM_NTASKS from the #SBATCH
+header, output into the --output file), and records the job's exit code.
 srun: records; with $FAKE_SBATCH_EXECUTE starts SLURM_NTASKS copies of its command (all on
 "localhost"), each with its SLURM_PROCID, and exits with the first non-zero code.
 """
@@ -20,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 
 _SCRIPT = """#!{python}
 import sys
@@ -90,8 +92,12 @@ def fake_sbatch(argv: list[str]) -> int:
   tasks = int(header["nodes"]) * int(header["ntasks-per-node"])
   env = {**os.environ, "SLURM_JOB_ID": job_id, "SLURM_NTASKS": str(tasks)}
   env["SLURM_JOB_NODELIST"] = "localhost"
-  sys.stdout.flush()
-  return subprocess.run(["bash", argv[-1]], env=env, check=False).returncode
+  # As SLURM: the job's output goes to the --output file (%x job name, %j job id).
+  log = header["output"].replace("%x", header["job-name"]).replace("%j", job_id)
+  with open(log, "w") as out:
+    code = subprocess.run(["bash", argv[-1]], env=env, stdout=out, stderr=subprocess.STDOUT)
+  _record({"job_exit": code.returncode, "log": log})
+  return 0
 
 
 def fake_srun(argv: list[str]) -> int:
@@ -105,5 +111,14 @@ def fake_srun(argv: list[str]) -> int:
     env = {**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": "0"}
     env["SLURM_STEP_NODELIST"] = "localhost"
     procs.append(subprocess.Popen(command, env=env))
-  codes = [p.wait() for p in procs]
-  return next((c for c in codes if c), 0)
+  while True:  # --kill-on-bad-exit: one failure stops the rest (they would wait forever)
+    codes = [p.poll() for p in procs]
+    failed = next((c for c in codes if c not in (None, 0)), None)
+    if failed is not None or all(c == 0 for c in codes):
+      break
+    time.sleep(0.2)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  return failed or 0

@@ -37,14 +37,14 @@ def fakes(tmp_path):
   fake_cluster_tools.install(str(bin_dir))
   log = str(tmp_path / "calls.jsonl")
 
-  def run(script, args, path=None, **env):
+  def run(script, args, path=None, timeout=120, **env):
     environ = {**os.environ, "FAKE_LOG": log, "R1JAX_PYTHON": sys.executable, **env}
     environ["PATH"] = path if path is not None else f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     return subprocess.run(
       ["bash", os.path.join(ROOT, "launch", script), *args],
       capture_output=True,
       text=True,
-      timeout=120,
+      timeout=timeout,
       env=environ,
       cwd=str(tmp_path),
     )
@@ -317,17 +317,21 @@ def test_a_slurm_job_runs_its_processes_through_the_worker_like_one_process(fake
   proc = run(
     "gpu_slurm.sh",
     flags,
+    timeout=900,
     FAKE_SBATCH_EXECUTE="1",
     JAX_PLATFORMS="cpu",
     XLA_FLAGS="--xla_force_host_platform_device_count=4",
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert proc.stdout.count("8 cpu device(s) in 2 process(es)") == 2, proc.stdout[-3000:]
+  (job,) = [c for c in fake_cluster_tools.recorded(log) if isinstance(c, dict) and "job_exit" in c]
+  output = open(job["log"]).read()
+  assert job["job_exit"] == 0, output[-3000:]
+  assert output.count("8 cpu device(s) in 2 process(es)") == 2, output[-3000:]
   single = _run(
     ["-m", "experiments.pretrain", f"--flagfile={FLAGFILE}", *PRETRAIN_FLAGS],
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
   )
   assert single.returncode == 0, single.stderr[-3000:]
-  lines = [line for line in proc.stdout.splitlines() if re.match(r"step +\d+/3 +loss", line)]
+  lines = [line for line in output.splitlines() if re.match(r"step +\d+/3 +loss", line)]
   expected = _losses(single.stdout)[None]
   assert len(expected) == 3 and sorted(_losses("\n".join(lines))[None]) == sorted(expected * 2)
