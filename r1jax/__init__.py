@@ -8,7 +8,7 @@ logits = model.apply(variables, tokens)
 """
 
 from r1jax.config import PRESETS, ModelConfig
-from r1jax.model import Transformer
+from r1jax.model import Transformer, empty_cache
 from r1jax.sizing import active_param_count, kv_cache_bytes_per_token, param_count
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
   "ModelConfig",
   "Transformer",
   "active_param_count",
+  "empty_cache",
   "kv_cache_bytes_per_token",
   "param_count",
 ]

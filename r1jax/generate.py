@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.config import ModelConfig
-from r1jax.model import Transformer
+from r1jax.model import Transformer, empty_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +143,7 @@ class Generator:
     return self._run(variables, prompts, jnp.asarray(lengths, jnp.int32), rng, sampling=sampling)
 
   def _empty_cache(self, batch: int):
-    slots = jnp.zeros((batch, self.max_prompt_len + self.max_new_tokens), jnp.int32)
-    shapes = jax.eval_shape(lambda t: self._decoder.init(jax.random.key(0), t)["cache"], slots)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return empty_cache(self.cfg, batch, self.max_prompt_len + self.max_new_tokens)
 
   def _step(self, variables, cache, tokens, positions, segment_ids):
     """Feeds tokens [b, s] at the cache index; returns (last position's logits [b, v], cache)."""

@@ -13,12 +13,13 @@ Usage, as in a notebook:
 Decoding keeps the compressed MLA cache: `Transformer(cfg, decode=True).init(key, tokens)` with a
 [b, max_len] token array sizes it (params identical to the training model's), then
 `apply({"params": ..., "cache": ...}, new_tokens, mutable=["cache"])` appends and attends with the
-absorbed form.
+absorbed form. `empty_cache(cfg, batch, max_len)` gives that cache without compiling `init`.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
@@ -138,3 +139,16 @@ class Transformer(nn.Module):
         return cache["index"].reshape(-1)[0]
       cache = next(iter(cache.values()))
     return 0
+
+
+def empty_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+  """The decode cache of `Transformer(cfg, decode=True)` for `batch` rows of up to `max_len`
+  tokens (`cfg.decode_cache` picks the absorbed latent or the naive per-head form).
+
+  What `init`'s "cache" collection holds (zeros, write index 0), from shapes alone: nothing is
+  compiled, where `jax.jit(decoder.init)` compiles the whole model (seconds on a CPU).
+  """
+  tokens = jnp.zeros((batch, max_len), jnp.int32)
+  decoder = Transformer(cfg, decode=True)
+  shapes = jax.eval_shape(lambda t: decoder.init(jax.random.key(0), t)["cache"], tokens)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -167,3 +167,18 @@ def test_resume_accepts_the_other_cache_form(tmp_path):
   trainer.check_resume(str(tmp_path), _cfg("naive"), TrainConfig(), None)
   with pytest.raises(ValueError, match="kv_lora_rank=16"):  # an architecture change still refuses
     trainer.check_resume(str(tmp_path), _cfg("naive", kv_lora_rank=8), TrainConfig(), None)
+
+
+@pytest.mark.parametrize("form", ["absorbed", "naive"])
+def test_empty_cache_is_what_init_builds(form):
+  from r1jax import empty_cache
+
+  cfg = dataclasses.replace(ModelConfig.from_preset("tiny"), decode_cache=form)
+  built = jax.jit(Transformer(cfg, decode=True).init)(
+    jax.random.key(1), jnp.zeros((2, 24), jnp.int32)
+  )["cache"]
+  made = empty_cache(cfg, 2, 24)
+  assert jax.tree.structure(made) == jax.tree.structure(built)
+  for a, b in zip(jax.tree.leaves(made), jax.tree.leaves(built), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
