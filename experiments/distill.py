@@ -22,8 +22,8 @@ from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
 from experiments.flagfile import replayable_flags
 from r1jax.checkpoint import load_weights, read_config
 from r1jax.data.tasks import TASKS
-from r1jax.data.tokenizer import load_tokenizer
-from r1jax.train import stages
+from r1jax.data.tokenizer import load_tokenizer_for
+from r1jax.train import stages, trainer
 from r1jax.train.evaluation import evaluate
 from r1jax.train.loop import TrainConfig
 
@@ -80,15 +80,8 @@ def main(argv):
       if flag.value < 1:
         raise ValueError(f"--{flag.name}: must be >= 1, got {flag.value}")
     workdir = _WORKDIR.value
-    if os.path.isdir(workdir) and os.listdir(workdir):
-      if not os.path.exists(os.path.join(workdir, "flags.txt")):
-        raise ValueError(f"--workdir: {workdir} is not empty and holds no run; give a new one")
-    tokenizer = load_tokenizer(_TOKENIZER.value)
-    if tokenizer.vocab_size > cfg.vocab_size:
-      raise ValueError(
-        f"--tokenizer: {_TOKENIZER.value} has {tokenizer.vocab_size} ids, the student "
-        f"{cfg.vocab_size}; give the tokenizer it was trained with"
-      )
+    trainer.check_workdir(workdir)
+    tokenizer = load_tokenizer_for(_TOKENIZER.value, cfg.vocab_size)
   except ValueError as err:
     exit_on_bad_input(str(err))
   cfg, variables = load_weights(_STUDENT.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from absl import flags
@@ -20,3 +21,11 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   except flags.Error as err:
     exit_on_bad_input(f"{err}; see --helpfull")
     raise  # unreachable: exit_on_bad_input exits
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for the launchers: a bad flag is one `error:` line and exit 2 (argparse's own
+  prints the usage first)."""
+
+  def error(self, message):
+    exit_on_bad_input(f"{message}; see --help")

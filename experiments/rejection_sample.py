@@ -20,7 +20,7 @@ from absl import app, flags
 from experiments.flag_errors import exit_on_bad_input, parse_flags_or_exit
 from r1jax.checkpoint import load_weights, read_config
 from r1jax.data.tasks import TASKS, sample_problems
-from r1jax.data.tokenizer import load_tokenizer
+from r1jax.data.tokenizer import load_tokenizer_for
 from r1jax.train.rejection import RejectionConfig, rejection_sample
 from r1jax.train.stages import write_jsonl
 
@@ -57,12 +57,7 @@ def main(argv):
       cfg = read_config(_INIT.value)
     except ValueError as err:
       raise ValueError(f"--init_from: {err}") from None
-    tokenizer = load_tokenizer(_TOKENIZER.value)
-    if tokenizer.vocab_size > cfg.vocab_size:
-      raise ValueError(
-        f"--tokenizer: {_TOKENIZER.value} has {tokenizer.vocab_size} ids, the model "
-        f"{cfg.vocab_size}; give the tokenizer the model was trained with"
-      )
+    tokenizer = load_tokenizer_for(_TOKENIZER.value, cfg.vocab_size)
   except ValueError as err:
     exit_on_bad_input(str(err))
   cfg, variables = load_weights(_INIT.value)

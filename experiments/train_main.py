@@ -169,18 +169,6 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, DataConfig]:
   return model_cfg, train_cfg, data_cfg
 
 
-def _check_workdir(workdir: str) -> None:
-  """A workdir is new, empty, or an r1jax run (resumed); anything else is left untouched."""
-  if paths.isdir(workdir) and paths.listdir(workdir):
-    if not paths.exists(paths.join(workdir, "flags.txt")):
-      raise ValueError(
-        f"--workdir: {workdir} is not empty and holds no r1jax run (no flags.txt); "
-        "choose a new directory"
-      )
-  elif paths.exists(workdir) and not paths.isdir(workdir):
-    raise ValueError(f"--workdir: {workdir} is a file; choose a directory")
-
-
 def _mesh_from_flags(model_cfg: ModelConfig, train_cfg: TrainConfig, rules):
   if not FLAGS.mesh:
     return None
@@ -210,7 +198,7 @@ def main(argv, job: str) -> None:
       )
     model_cfg, train_cfg, data_cfg = configs_from_flags()
     if FLAGS.workdir:
-      _check_workdir(FLAGS.workdir)
+      trainer.check_workdir(FLAGS.workdir)
       trainer.check_resume(FLAGS.workdir, model_cfg, train_cfg, data_cfg)
     run_cfg = trainer.RunConfig(FLAGS.workdir, FLAGS.save_every, FLAGS.keep_checkpoints)
     sharding.parse_mesh(FLAGS.mesh)

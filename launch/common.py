@@ -3,7 +3,6 @@ anything is created (tools on PATH, the job, the flagfile, a writable workdir)."
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
@@ -13,7 +12,7 @@ import tempfile
 from collections.abc import Sequence
 
 from experiments.flag_errors import exit_on_bad_input
-from launch.worker import known_job
+from launch.worker import check_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,11 +52,6 @@ class Runner:
     return proc.stdout if capture else ""
 
 
-class Parser(argparse.ArgumentParser):
-  def error(self, message):  # argparse's own prints usage and exits 2; keep to one line
-    exit_on_bad_input(f"{message}; see --help")
-
-
 def require_tool(name: str, why: str) -> None:
   """Exits 2 unless `name` is on PATH."""
   if shutil.which(name) is None:
@@ -65,8 +59,7 @@ def require_tool(name: str, why: str) -> None:
 
 
 def check_job_and_flagfile(job: str, flagfile: str) -> None:
-  if not known_job(job):
-    exit_on_bad_input(f"--job: unknown {job!r}; expected a module experiments/<job>.py")
+  check_job(job)
   if not os.path.isfile(flagfile):
     exit_on_bad_input(f"--flagfile: {flagfile} does not exist")
 

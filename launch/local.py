@@ -29,8 +29,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from experiments.flag_errors import exit_on_bad_input
-from launch.worker import MULTI_PROCESS_JOBS, known_job
+from experiments.flag_errors import ArgumentParser, exit_on_bad_input
+from launch.worker import MULTI_PROCESS_JOBS, check_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -132,14 +132,9 @@ def run_processes(
   return code
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # argparse's own prints usage and exits 2; keep to one line
-    exit_on_bad_input(f"{message}; see --help")
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """Launcher flags; exits 2 with one line naming the flag on bad input."""
-  parser = _Parser(
+  parser = ArgumentParser(
     prog="python -m launch.local",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -150,8 +145,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--devices_per_process", type=int, default=1, help="CPU devices each")
   parser.add_argument("--timeout", type=float, help="kill all after this many seconds")
   args = parser.parse_args(argv)
-  if not known_job(args.job):
-    exit_on_bad_input(f"--job: unknown {args.job!r}; expected a module experiments/<job>.py")
+  check_job(args.job)
   for name in ("num_processes", "devices_per_process"):
     if getattr(args, name) < 1:
       exit_on_bad_input(f"--{name}: must be at least 1, got {getattr(args, name)}")

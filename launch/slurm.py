@@ -28,13 +28,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from experiments.flag_errors import exit_on_bad_input
+from experiments.flag_errors import ArgumentParser, exit_on_bad_input
 from launch import common
 from launch.worker import MULTI_PROCESS_JOBS
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = common.Parser(
+  parser = ArgumentParser(
     prog="launch/gpu_slurm.sh",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -23,6 +23,7 @@ workdir's writability (a probe object written and removed).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -34,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from experiments.flag_errors import exit_on_bad_input
+from experiments.flag_errors import ArgumentParser, exit_on_bad_input
 from launch import common
 from launch.worker import MULTI_PROCESS_JOBS
 
@@ -88,10 +89,10 @@ def parse_accelerator(accelerator: str) -> Slice:
 
 
 def parse_args(argv: Sequence[str]):
-  parser = common.Parser(
+  parser = ArgumentParser(
     prog="launch/tpu.sh",
     description=__doc__,
-    formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
     allow_abbrev=False,
   )
   parser.add_argument("--name", required=True, help="TPU (and queued resource) name")

@@ -3,11 +3,4 @@
 #   launch/tpu.sh --name=r1 --zone=us-east5-a --accelerator=v5p-16 --job=pretrain \
 #     --flagfile=experiments/configs/tiny_cpu.flags --workdir=gs://BUCKET/runs/r1 --dry-run
 # The logic and its tests live in launch/tpu.py (`launch/tpu.sh --help` lists every flag).
-# The interpreter: $R1JAX_PYTHON, else this checkout's .venv, else python3.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${R1JAX_PYTHON:-}"
-if [[ -z $python ]]; then
-  if [[ -x $root/.venv/bin/python ]]; then python="$root/.venv/bin/python"; else python=python3; fi
-fi
-PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m launch.tpu "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/python.sh" launch.tpu "$@"

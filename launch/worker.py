@@ -29,7 +29,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 
-from experiments.flag_errors import exit_on_bad_input
+from experiments.flag_errors import ArgumentParser, exit_on_bad_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Jobs that join a multi-process runtime (jax.distributed); the others are single-process.
@@ -91,13 +91,14 @@ def job_environment(
   return settings
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # argparse's own prints usage and exits 2; keep to one line
-    exit_on_bad_input(f"{message}; see --help")
+def check_job(job: str) -> None:
+  """Exits 2 unless experiments/<job>.py exists."""
+  if not known_job(job):
+    exit_on_bad_input(f"--job: unknown {job!r}; expected a module experiments/<job>.py")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = _Parser(
+  parser = ArgumentParser(
     prog="python -m launch.worker",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,8 +110,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     "--device_per_process", action="store_true", help="SLURM: one GPU per process"
   )
   args = parser.parse_args(argv)
-  if not known_job(args.job):
-    exit_on_bad_input(f"--job: unknown {args.job!r}; expected a module experiments/<job>.py")
+  check_job(args.job)
   if args.port is not None and not 0 < args.port < 65536:
     exit_on_bad_input(f"--port: must be in 1..65535, got {args.port}")
   return args

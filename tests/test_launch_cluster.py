@@ -52,6 +52,15 @@ def fakes(tmp_path):
   return run, log
 
 
+def _path_without_cloud_tools(tmp_path):
+  """A PATH with only what the wrappers need (this machine has a real gcloud in /usr/bin)."""
+  tools = tmp_path / "tools"
+  tools.mkdir()
+  for tool in ("bash", "env", "dirname"):
+    os.symlink(subprocess.check_output(["which", tool], text=True).strip(), tools / tool)
+  return str(tools)
+
+
 def _calls(log, tool):
   return [c[1:] for c in fake_cluster_tools.recorded(log) if isinstance(c, list) and c[0] == tool]
 
@@ -167,12 +176,7 @@ def test_tpu_unwritable_workdir_or_missing_gcloud_stops_before_create(fakes, tmp
   _one_error_line(proc, "--workdir: gs://bucket/runs/r1 is not writable")
   assert "403" in proc.stderr
   assert [c[:2] for c in _calls(log, "gcloud")] == [["storage", "cp"]]  # no create
-  # No gcloud anywhere on PATH (this machine has a real one in /usr/bin: a PATH without it).
-  tools = tmp_path / "tools"
-  tools.mkdir()
-  for tool in ("bash", "env", "dirname"):
-    os.symlink(subprocess.check_output(["which", tool], text=True).strip(), tools / tool)
-  proc = run("tpu.sh", TPU_FLAGS, path=str(tools))
+  proc = run("tpu.sh", TPU_FLAGS, path=_path_without_cloud_tools(tmp_path))
   _one_error_line(proc, "gcloud: not found on PATH; install the Google Cloud CLI")
 
 
@@ -253,11 +257,7 @@ def test_slurm_bad_input_exits_2_before_submitting(fakes, change, message):
 
 def test_slurm_without_sbatch_says_where_to_run(fakes, tmp_path):
   run, _ = fakes
-  tools = tmp_path / "tools"
-  tools.mkdir()
-  for tool in ("bash", "env", "dirname"):
-    os.symlink(subprocess.check_output(["which", tool], text=True).strip(), tools / tool)
-  proc = run("gpu_slurm.sh", SLURM_FLAGS, path=str(tools))
+  proc = run("gpu_slurm.sh", SLURM_FLAGS, path=_path_without_cloud_tools(tmp_path))
   _one_error_line(proc, "sbatch: not found on PATH; run this on the cluster's login node")
 
 

@@ -4,8 +4,6 @@ bad input exits 2 with one line and overwrites nothing."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ import pytest
 from r1jax import ModelConfig, Transformer
 from r1jax.checkpoint import save_weights
 from r1jax.data.tasks import TASKS, sample_problems
+from tests.cli import run_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,14 +26,7 @@ def weights(tmp_path_factory):
 
 
 def _run(job, *flags):
-  return subprocess.run(
-    [sys.executable, "-m", f"experiments.{job}", *flags],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  return run_module(f"experiments.{job}", *flags, timeout=600)
 
 
 def _samples(path, count=8):

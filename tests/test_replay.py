@@ -2,12 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from experiments import replay
+from tests.cli import run_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,14 +50,7 @@ def test_results_tables_compare_stage_by_stage(tmp_path):
 
 
 def _replay(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.replay", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  return run_module("experiments.replay", *args, timeout=600)
 
 
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(tmp_path):
@@ -85,14 +77,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(tmp_path):
 @pytest.mark.slow
 def test_a_pretrain_run_replays_bit_for_bit_and_a_changed_seed_is_reported(tmp_path):
   flags = ["--flagfile=experiments/configs/tiny_cpu.flags", "--num_steps=4", "--log_every=1"]
-  first = subprocess.run(
-    [sys.executable, "-m", "experiments.pretrain", *flags, f"--workdir={tmp_path}/run"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
+  first = run_module("experiments.pretrain", *flags, f"--workdir={tmp_path}/run", timeout=600)
   assert first.returncode == 0, first.stderr[-2000:]
   same = _replay(f"{tmp_path}/run", f"{tmp_path}/again")
   assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]

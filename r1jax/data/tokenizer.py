@@ -272,3 +272,18 @@ def load_tokenizer(spec: str) -> Tokenizer:
       "directory holding tokenizer.json); use 'bytes', 'task' or an existing path"
     )
   return HFTokenizer.from_file(spec)
+
+
+def load_tokenizer_for(spec: str, vocab_size: int) -> Tokenizer:
+  """`load_tokenizer(spec)` for a model of `vocab_size` ids.
+
+  Raises:
+    ValueError: the tokenizer has more ids than the model (one line naming --tokenizer).
+  """
+  tokenizer = load_tokenizer(spec)
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(
+      f"--tokenizer: {spec} has {tokenizer.vocab_size} ids, the model {vocab_size}; give the "
+      "tokenizer the model was trained with"
+    )
+  return tokenizer

@@ -135,6 +135,22 @@ def write_run_record(
   paths.write_text(paths.join(workdir, "run_info.json"), json.dumps(run_info(mesh), indent=2))
 
 
+def check_workdir(workdir: str) -> None:
+  """A workdir is new, empty, or an r1jax run (resumed); anything else is left untouched.
+
+  Raises:
+    ValueError: one line naming --workdir.
+  """
+  if paths.isdir(workdir) and paths.listdir(workdir):
+    if not paths.exists(paths.join(workdir, "flags.txt")):
+      raise ValueError(
+        f"--workdir: {workdir} is not empty and holds no r1jax run (no flags.txt); "
+        "choose a new directory"
+      )
+  elif paths.exists(workdir) and not paths.isdir(workdir):
+    raise ValueError(f"--workdir: {workdir} is a file; choose a directory")
+
+
 # Fields a resumed run may change: how the same computation is implemented or logged, its length.
 _RESUMABLE_CHANGES = {
   "model": {"moe_impl", "expert_exchange", "remat", "decode_cache"},
