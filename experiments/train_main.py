@@ -33,6 +33,17 @@ flags.DEFINE_float("balance_alpha", None, "Sequence-wise balance loss alpha; uns
 flags.DEFINE_list(
   "model_overrides", [], "More ModelConfig fields, KEY=VALUE,..., e.g. num_hidden_layers=2."
 )
+# --- optional attention and token-efficiency variants (off in DeepSeek's models; layers unrolled)
+flags.DEFINE_list(
+  "attention_windows",
+  [],
+  "Per-layer attention window, one per layer: 0 global, W local over the W most recent tokens, "
+  "e.g. 0,128,0,128; empty: all global.",
+)
+flags.DEFINE_float("merge_ratio", 0.0, "Token merging: fraction of tokens merged away; 0: off.")
+flags.DEFINE_integer("merge_layer", 1, "Token merging: the first layer on the merged tokens.")
+flags.DEFINE_integer("inflate_layer", 2, "Token merging: the first layer on every token again.")
+flags.DEFINE_float("merge_threshold", 0.9, "Token merging: cosine similarity merged first.")
 flags.DEFINE_string(
   "init_from",
   None,
@@ -132,7 +143,32 @@ def model_overrides() -> dict:
       out[key] = getattr(FLAGS, flag)
   if FLAGS.balance_alpha is not None:
     out["aux_loss_alpha"] = FLAGS.balance_alpha
+  out.update(_variant_overrides())
   out["moe_impl"] = FLAGS.moe_impl
+  return out
+
+
+def _variant_overrides() -> dict:
+  """--attention_windows and the --merge_* flags as ModelConfig fields; either one turns the
+  layer scan off (the layers differ)."""
+  out = {}
+  if FLAGS.attention_windows:
+    try:
+      out["attention_windows"] = tuple(int(w) for w in FLAGS.attention_windows)
+    except ValueError:
+      raise ValueError(
+        f"--attention_windows: {','.join(FLAGS.attention_windows)!r} is not a list of integers, "
+        "one per layer (0: global)"
+      ) from None
+  if FLAGS.merge_ratio:
+    out.update(
+      merge_ratio=FLAGS.merge_ratio,
+      merge_layer=FLAGS.merge_layer,
+      inflate_layer=FLAGS.inflate_layer,
+      merge_threshold=FLAGS.merge_threshold,
+    )
+  if out:
+    out["scan_layers"] = False
   return out
 
 

@@ -98,7 +98,22 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"  # one of REMAT_POLICIES
 
+  # --- Optional variants (off in every DeepSeek preset; they need scan_layers=False, the layers
+  # differing). attention_windows: one entry per layer, 0 global attention, W > 0 local attention
+  # over the W most recent tokens, whose decode cache is a ring of W slots (r1jax/layers/mla.py);
+  # empty: all global. Token merging (r1jax/layers/token_merge.py), on when merge_ratio > 0:
+  # floor(merge_ratio * s) tokens give up their slot at the input of layer merge_layer and the
+  # stream is inflated back to s positions at the input of layer inflate_layer; a token whose
+  # cosine similarity to its predecessor reaches merge_threshold is merged first.
+  attention_windows: tuple[int, ...] = ()
+  merge_ratio: float = 0.0
+  merge_layer: int = 1
+  inflate_layer: int = 2
+  merge_threshold: float = 0.9
+
   def __post_init__(self):
+    if not isinstance(self.attention_windows, tuple):  # a list from config.json
+      object.__setattr__(self, "attention_windows", tuple(self.attention_windows))
     _validate(self)
 
   # ----------------------------------------------------------------------------- derived
@@ -109,6 +124,19 @@ class ModelConfig:
   @property
   def num_moe_layers(self) -> int:
     return self.num_hidden_layers - self.first_k_dense_replace
+
+  @property
+  def merges_tokens(self) -> bool:
+    return self.merge_ratio > 0
+
+  @property
+  def has_variants(self) -> bool:
+    """Whether local attention or token merging is on (neither is in DeepSeek's models)."""
+    return any(self.attention_windows) or self.merges_tokens
+
+  def window(self, layer: int) -> int:
+    """Layer `layer`'s attention window (0: global)."""
+    return self.attention_windows[layer] if self.attention_windows else 0
 
   @property
   def group_score(self) -> str | None:
@@ -164,6 +192,11 @@ class ModelConfig:
 
   def to_hf_config(self) -> dict[str, Any]:
     """The `config.json` dict that transformers' DeepseekV3/V2 config classes accept."""
+    if self.has_variants:
+      raise ValueError(
+        "attention_windows / merge_ratio: transformers' DeepSeek models have neither local "
+        "attention nor token merging; only a model without them has an HF config"
+      )
     v2 = self.score_func == "softmax"
     hf: dict[str, Any] = {
       f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_TO_HF
@@ -203,6 +236,11 @@ class ModelConfig:
 
 _NOT_FROM_HF = frozenset(
   {
+    "attention_windows",
+    "merge_ratio",
+    "merge_layer",
+    "inflate_layer",
+    "merge_threshold",
     "q_lora_rank",
     "dtype",
     "param_dtype",
@@ -217,6 +255,11 @@ _NOT_FROM_HF = frozenset(
 )
 _NOT_TO_HF = frozenset(
   {
+    "attention_windows",
+    "merge_ratio",
+    "merge_layer",
+    "inflate_layer",
+    "merge_threshold",
     "score_func",
     "dtype",
     "param_dtype",
@@ -323,6 +366,7 @@ def _validate(c: ModelConfig) -> None:
     f"keeps {c.topk_group} groups but there are only n_group={c.n_group}; lower it",
   )
   _validate_groups(c)
+  _validate_variants(c)
   _check(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
   _check(c.aux_loss_alpha >= 0, "aux_loss_alpha", "must be >= 0")
   _check(
@@ -353,6 +397,41 @@ def _validate(c: ModelConfig) -> None:
   _check(c.dtype in DTYPES, "dtype", f"{c.dtype!r}; use one of {DTYPES}")
   _check(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r}; use one of {DTYPES}")
   _check(c.initializer_range > 0, "initializer_range", "must be positive")
+
+
+def _validate_variants(c: ModelConfig) -> None:
+  """attention_windows and the token-merging fields."""
+  w = c.attention_windows
+  _check(
+    not w or len(w) == c.num_hidden_layers,
+    "attention_windows",
+    f"has {len(w)} entries for num_hidden_layers={c.num_hidden_layers}; give one per layer "
+    "(0: global)",
+  )
+  _check(
+    all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in w),
+    "attention_windows",
+    f"entries must be integers >= 0 (0: global, W: the W most recent tokens), got {w}",
+  )
+  _check(
+    0 <= c.merge_ratio <= 0.5,
+    "merge_ratio",
+    f"must be in [0, 0.5] (the fraction of tokens merged away; 0: off), got {c.merge_ratio}",
+  )
+  _check(-1 <= c.merge_threshold <= 1, "merge_threshold", "is a cosine similarity, in [-1, 1]")
+  if c.merges_tokens:
+    _check(
+      0 <= c.merge_layer < c.inflate_layer <= c.num_hidden_layers,
+      "merge_layer",
+      f"merge_layer={c.merge_layer} and inflate_layer={c.inflate_layer} need 0 <= merge_layer "
+      f"< inflate_layer <= num_hidden_layers={c.num_hidden_layers}",
+    )
+  if c.has_variants:
+    _check(
+      not c.scan_layers,
+      "scan_layers",
+      "local attention and token merging make layers differ; set scan_layers=False",
+    )
 
 
 def _validate_groups(c: ModelConfig) -> None:

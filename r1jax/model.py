@@ -27,6 +27,7 @@ from r1jax.layers.block import ACTIVATION_AXES, block_stack
 from r1jax.layers.common import dtype_of, kernel_param
 from r1jax.layers.mtp import MTPLayer, shift_left
 from r1jax.layers.norm import RMSNorm
+from r1jax.layers.token_merge import Inflate, merge
 
 
 class Transformer(nn.Module):
@@ -47,7 +48,9 @@ class Transformer(nn.Module):
     self.final_norm = RMSNorm(cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
     dense, moe = cfg.first_k_dense_replace, cfg.num_moe_layers
     self.dense_layers = block_stack(cfg, False, dense, self.decode) if dense else None
-    self.moe_layers = block_stack(cfg, True, moe, self.decode) if moe else None
+    self.moe_layers = block_stack(cfg, True, moe, self.decode, dense) if moe else None
+    if cfg.merges_tokens:
+      self.inflate = Inflate(cfg)
     self.mtp_layers = [
       MTPLayer(cfg, self.decode, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)
     ]
@@ -65,10 +68,40 @@ class Transformer(nn.Module):
     if positions is None:
       positions = self._default_positions(tokens)
     h = nn.with_logical_constraint(self.embed(tokens), ACTIVATION_AXES)
+    if self.cfg.merges_tokens:
+      return self.final_norm(self._merged_trunk(h, positions, segment_ids))
     for stack in (self.dense_layers, self.moe_layers):
       if stack is not None:
         h, _ = stack(h, positions, segment_ids)
     return self.final_norm(h)
+
+  def _merged_trunk(self, h, positions, segment_ids):
+    """The layers with token merging (r1jax/layers/token_merge.py): [0, merge_layer) on every
+    token, [merge_layer, inflate_layer) on the merged slots, the rest on every position again."""
+    cfg = self.cfg
+    if self.decode:
+      raise ValueError(
+        "merge_ratio: token merging is a training / full-forward option; decode "
+        "with a config whose merge_ratio is 0"
+      )
+    dense = cfg.first_k_dense_replace
+
+    def run(h, positions, segment_ids, start, stop):
+      """Model layers [start, stop) over whichever stacks hold them."""
+      for stack, first, count in (
+        (self.dense_layers, 0, dense),
+        (self.moe_layers, dense, cfg.num_moe_layers),
+      ):
+        lo, hi = max(start, first), min(stop, first + count)
+        if stack is not None and lo < hi:
+          h, _ = stack(h, positions, segment_ids, lo - first, hi - first)
+      return h
+
+    h = run(h, positions, segment_ids, 0, cfg.merge_layer)
+    merged, merged_positions, merged_segments, state = merge(cfg, h, positions, segment_ids)
+    band = run(merged, merged_positions, merged_segments, cfg.merge_layer, cfg.inflate_layer)
+    h = self.inflate(band, h, state)
+    return run(h, positions, segment_ids, cfg.inflate_layer, cfg.num_hidden_layers)
 
   def __call__(self, tokens, positions=None, segment_ids=None, *, mtp=False):
     """Main-head logits [b, s, v] (float32); with mtp=True also MTP logits [n, b, s, v].

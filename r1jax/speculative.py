@@ -134,6 +134,11 @@ class SpeculativeGenerator:
   ):
     if cfg.num_nextn_predict_layers < 1:
       raise ValueError("num_nextn_predict_layers: the drafter is MTP depth 1; this model has none")
+    if any(cfg.attention_windows):
+      # Rejected drafts leave holes in the cache, and a local window counts slots, not tokens.
+      raise ValueError(
+        "attention_windows: speculative decoding needs global attention in every layer"
+      )
     if max_prompt_len + max_new_tokens > cfg.max_position_embeddings:
       raise ValueError(
         f"max_new_tokens: {max_prompt_len} + {max_new_tokens} positions exceed "

@@ -68,8 +68,9 @@ def np_rope_interleaved(x, positions, inv_freq):
   return np.stack([z.real, z.imag], -1).reshape(x.shape)
 
 
-def np_mla(p, x, positions, cfg, inv_freq, scale):
-  """Naive MLA of SPEC 3.2 on params `p` (the r1jax layout: [in, out] with per-head axes)."""
+def np_mla(p, x, positions, cfg, inv_freq, scale, window=0):
+  """Naive MLA of SPEC 3.2 on params `p` (the r1jax layout: [in, out] with per-head axes); with
+  window W > 0 query i sees keys i - W < j <= i (the banded causal mask)."""
   g = lambda name: np.asarray(p[name], np.float64)
   x = np.asarray(x, np.float64)
   if cfg.q_lora_rank:
@@ -86,7 +87,9 @@ def np_mla(p, x, positions, cfg, inv_freq, scale):
   qf = np.concatenate([q[..., :nope], q_pe], -1)
   scores = np.einsum("bshd,bthd->bsht", qf, k) * scale
   s = x.shape[1]
-  scores = np.where(np.tril(np.ones((s, s), bool))[None, :, None, :], scores, -np.inf)
+  i, j = np.arange(s)[:, None], np.arange(s)[None, :]
+  band = (j <= i) & ((i - j < window) if window else True)
+  scores = np.where(band[None, :, None, :], scores, -np.inf)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   out = np.einsum("bsht,bthd->bshd", probs, up[..., nope:])

@@ -20,12 +20,12 @@ TINY = ModelConfig.from_preset("tiny", dtype="float32")
 TRAIN = TrainConfig(num_steps=1, batch_size=2, seq_len=32, log_every=1)
 
 
-def _one_step(workdir, data_cfg, train=TRAIN):
+def _one_step(workdir, data_cfg, train=TRAIN, model_cfg=TINY):
   """What experiments/train_main.py does after its checks: the run record, then the run."""
-  trainer.write_run_record(str(workdir), "--preset=tiny\n", TINY, train, None, data_cfg)
-  data = make_pipeline(data_cfg, vocab_size=TINY.vocab_size)
+  trainer.write_run_record(str(workdir), "--preset=tiny\n", model_cfg, train, None, data_cfg)
+  data = make_pipeline(data_cfg, vocab_size=model_cfg.vocab_size)
   result = trainer.run(
-    TINY, train, trainer.RunConfig(str(workdir), save_every=1), data=data, log=lambda _: None
+    model_cfg, train, trainer.RunConfig(str(workdir), save_every=1), data=data, log=lambda _: None
   )
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -45,6 +45,33 @@ def test_pretrain_one_step(tmp_path, source):
   assert result["status"] == "done" and result["step"] == 1
   assert [r["step"] for r in rows] == [0] and np.isfinite(rows[0]["loss"])
   assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
+
+
+def test_pretrain_flags_turn_on_local_attention_and_token_merging(tmp_path):
+  """--attention_windows and --merge_* become the ModelConfig fields (layers unrolled), and
+  that model trains a step, packed documents and all."""
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from experiments import train_main
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # defaults for every other flag
+  variants = dict(attention_windows=["0", "8", "0"], merge_ratio=0.25, inflate_layer=3)
+  with flagsaver.flagsaver(**variants):
+    overrides = train_main._variant_overrides()
+  assert overrides == dict(
+    attention_windows=(0, 8, 0),
+    merge_ratio=0.25,
+    merge_layer=1,
+    inflate_layer=3,
+    merge_threshold=0.9,
+    scan_layers=False,
+  )
+  cfg = ModelConfig.from_preset("tiny", dtype="float32", **overrides)
+  data_cfg = DataConfig(source="synthetic", seq_len=32, batch_size=2)
+  result, rows = _one_step(tmp_path / "run", data_cfg, model_cfg=cfg)
+  assert result["status"] == "done" and np.isfinite(rows[0]["loss"])
 
 
 def test_sft_one_step_counts_only_the_response(tmp_path):

@@ -49,6 +49,12 @@ BAD_FLAGS = [
   ("--model_overrides=num_hidden_layers=x", "error: --model_overrides: num_hidden_layers='x'"),
   ("--remat=some", "error: remat: 'some'"),
   ("--batch_size=6 --mesh=data=4,expert=2", "error: --batch_size: 6 does not split over"),
+  ("--attention_windows=0,8", "error: attention_windows: has 2 entries for num_hidden_layers=3"),
+  ("--attention_windows=0,x,0", "error: --attention_windows: '0,x,0' is not a list of integers"),
+  (
+    "--merge_ratio=0.25 --merge_layer=2 --inflate_layer=1",
+    "error: merge_layer: merge_layer=2 and inflate_layer=1 need",
+  ),
 ]
 
 

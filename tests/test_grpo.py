@@ -116,7 +116,7 @@ def test_policy_update_raises_the_probability_of_positive_advantage_completions(
   tokens = jnp.asarray([[10, 11, 12, 20, 21, 3], [10, 11, 12, 30, 31, 3]], jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6))
   segments = jnp.ones((2, 6), jnp.int32)
-  variables = meta.unbox(model.init(jax.random.key(0), tokens))
+  variables = meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens))
   optimizer = optax.adam(1e-3)
   state = TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -126,12 +126,16 @@ def test_policy_update_raises_the_probability_of_positive_advantage_completions(
   )
   mask = jnp.asarray([[0, 0, 1, 1, 1]] * 2)  # targets 20 21 EOS / 30 31 EOS
   temperature = 0.7
+  forward = jax.jit(model.apply)
+  logprobs = jax.jit(
+    lambda v: grpo.completion_logprobs(model, v, tokens, positions, segments, temperature)
+  )
 
   def logp_of(state):
     v = {"params": state.params, "router_bias": state.router_bias}
-    got = grpo.completion_logprobs(model, v, tokens, positions, segments, temperature)
+    got = logprobs(v)
     # Independent: numpy's tempered log-softmax of the plain forward's logits, gathered.
-    logits = np.asarray(model.apply(v, tokens, positions, segments), np.float64)[:, :-1]
+    logits = np.asarray(forward(v, tokens, positions, segments), np.float64)[:, :-1]
     z = logits / temperature
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -152,7 +156,7 @@ def test_policy_update_raises_the_probability_of_positive_advantage_completions(
   }
   for _ in range(3):
     v = {"params": state.params, "router_bias": state.router_bias}
-    batch["old_logp"] = grpo.completion_logprobs(model, v, tokens, positions, segments, temperature)
+    batch["old_logp"] = logprobs(v)
     state, metrics = update(state, batch)
   after = logp_of(state)
   assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1, (before, after)

@@ -24,6 +24,7 @@ class DecoderBlock(nn.Module):
   cfg: ModelConfig
   use_moe: bool
   decode: bool = False
+  window: int = 0  # local attention over this many tokens (0: global)
 
   @nn.compact
   def __call__(self, h, positions, segment_ids=None):
@@ -31,7 +32,7 @@ class DecoderBlock(nn.Module):
     cfg = self.cfg
     h = nn.with_logical_constraint(h, ACTIVATION_AXES)
     attn_in = RMSNorm(cfg.rms_norm_eps, param_dtype=cfg.param_dtype, name="attn_norm")(h)
-    h = h + MLA(cfg, self.decode, name="attn")(attn_in, positions, segment_ids)
+    h = h + MLA(cfg, self.decode, self.window, name="attn")(attn_in, positions, segment_ids)
     ffn_in = RMSNorm(cfg.rms_norm_eps, param_dtype=cfg.param_dtype, name="ffn_norm")(h)
     if self.use_moe:
       h = h + MoE(cfg, name="moe")(ffn_in)
@@ -48,14 +49,15 @@ def remat_block(cfg: ModelConfig, decode: bool, prevent_cse: bool):
   return nn.remat(DecoderBlock, policy=policy, prevent_cse=prevent_cse)
 
 
-def block_stack(cfg: ModelConfig, use_moe: bool, length: int, decode: bool):
-  """`length` DecoderBlocks with params stacked on a leading "layers" axis.
+def block_stack(cfg: ModelConfig, use_moe: bool, length: int, decode: bool, first_layer: int = 0):
+  """`length` DecoderBlocks (model layers first_layer, first_layer + 1, ...) with params stacked
+  on a leading "layers" axis.
 
   nn.scan traces the block once, so compile time does not grow with depth. Non-param state
   (cache, router bias, MoE statistics) is stacked per layer the same way.
   """
   if not cfg.scan_layers:
-    return _Unrolled(cfg, use_moe, length, decode)
+    return _Unrolled(cfg, use_moe, length, decode, first_layer)
   scanned = nn.scan(
     remat_block(cfg, decode, prevent_cse=False),  # scan already keeps XLA from merging layers
     variable_axes={"params": 0, "cache": 0, "router_bias": 0, "moe_stats": 0, "routing": 0},
@@ -68,18 +70,22 @@ def block_stack(cfg: ModelConfig, use_moe: bool, length: int, decode: bool):
 
 
 class _Unrolled(nn.Module):
-  """The same stack as a Python loop (scan_layers=False), e.g. to inspect one layer."""
+  """The same stack as a Python loop (scan_layers=False), e.g. to inspect one layer; its layers
+  may differ (`ModelConfig.attention_windows`), and a call may run a range of them (token
+  merging changes the stream between two calls)."""
 
   cfg: ModelConfig
   use_moe: bool
   length: int
   decode: bool
+  first_layer: int = 0
 
   @nn.compact
-  def __call__(self, h, positions, segment_ids=None):
-    for i in range(self.length):
+  def __call__(self, h, positions, segment_ids=None, start: int = 0, stop: int | None = None):
+    for i in range(self.length)[start:stop]:
       block = remat_block(self.cfg, self.decode, prevent_cse=True)
-      h, _ = block(self.cfg, self.use_moe, self.decode, name=f"layer_{i}")(
+      window = self.cfg.window(self.first_layer + i)
+      h, _ = block(self.cfg, self.use_moe, self.decode, window, name=f"layer_{i}")(
         h, positions, segment_ids
       )
     return h, None

@@ -23,6 +23,8 @@ Decode cache ("cache" collection, per layer; `ModelConfig.decode_cache` picks th
             leading; scores `bshd,bhtd->bsht`
   both      index (int32 scalar: slots written so far, shared by the batch), valid [b, T]
             (slots holding real tokens: a left-padded prompt's padding is never attended to).
+  local     a layer with attention window W (`ModelConfig.attention_windows`) keeps T = min(W,
+            max length) slots as a ring (`MLA._decode_ring`): its cache never outgrows W tokens.
 The naive cache's heads lead, as in `MLA._naive`, because XLA:CPU (jax 0.10.2) runs a batched
 dot only with its batch dims leading: with DeepSeek's [b, T, h, d] it copied the whole key and
 value caches into [b, h, T, d] on every decode step (on `small` at 4 x 4096 tokens, 88 ms against
@@ -45,9 +47,14 @@ from r1jax.layers.rope import apply_rope, softmax_scale
 _NEG_INF = -1e30  # Finite, so fully masked rows give a uniform softmax instead of NaN.
 
 
-def attention_mask(q_positions, k_positions, q_segments=None, k_segments=None, k_valid=None):
-  """Boolean [b, s, t]: causal by position, within the same segment, keys that exist."""
+def attention_mask(
+  q_positions, k_positions, q_segments=None, k_segments=None, k_valid=None, window: int = 0
+):
+  """Boolean [b, s, t]: causal by position, within the same segment, keys that exist, and with
+  a window W > 0 only the W most recent positions (the query's own included)."""
   mask = k_positions[:, None, :] <= q_positions[:, :, None]
+  if window:
+    mask &= q_positions[:, :, None] - k_positions[:, None, :] < window
   if q_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]
   if k_valid is not None:
@@ -211,10 +218,14 @@ class MLA(nn.Module):
   read and extend the "cache" collection in the form `cfg.decode_cache` picks: the absorbed
   latent cache (the default) or the naive expanded one (the module docstring lists both). The
   cache is sized by the sequence length of the `init` call made with `decode=True`.
+
+  window W > 0 (`ModelConfig.attention_windows`): local attention, each query seeing its W most
+  recent tokens, in every form; the decode cache is then a ring of min(W, length) slots.
   """
 
   cfg: ModelConfig
   decode: bool = False
+  window: int = 0
 
   def _weights(self):
     """Creates (on init) or fetches the projection weights, cast to the compute dtype."""
@@ -263,10 +274,12 @@ class MLA(nn.Module):
     q_nope, q_pe = self.queries(w, x, positions)
     latent, k_pe = self.latent(w, x, positions)
     if self.decode and self.has_variable("cache", "index"):
+      if self.window:
+        return self._decode_ring(w, q_nope, q_pe, latent, k_pe, segment_ids)
       return self._decode(w, q_nope, q_pe, latent, k_pe, segment_ids)
     if self.decode:  # The init call that creates the cache.
       self._cache_variables(latent.shape[:2], latent.dtype)
-    mask = attention_mask(positions, positions, segment_ids, segment_ids)
+    mask = attention_mask(positions, positions, segment_ids, segment_ids, window=self.window)
     return self._naive(w, q_nope, q_pe, latent, k_pe, mask)
 
   def _naive(self, w, q_nope, q_pe, latent, k_pe, mask):
@@ -319,6 +332,8 @@ class MLA(nn.Module):
     """The form's two cached arrays (absorbed: latent, rope_key; naive: key, value), the write
     index and the slot validity, created zero-filled on first use."""
     b, length = batch_length
+    if self.window:  # local attention: a ring of the W most recent slots
+      length = min(length, self.window)
     cfg = self.cfg
     if cfg.decode_cache == "naive":
       h = cfg.num_attention_heads
@@ -367,3 +382,46 @@ class MLA(nn.Module):
     if self.cfg.decode_cache == "naive":
       return self._naive_cached(w, q_nope, q_pe, first.value, second.value, mask)
     return self._absorbed(w, q_nope, q_pe, first.value, second.value, mask)
+
+  def _decode_ring(self, w, q_nope, q_pe, latent, k_pe, segment_ids=None):
+    """`_decode` for local attention: the cache is a ring of L = min(W, length) slots, slot a of
+    the sequence in ring entry a mod L, so it holds the last L slots written.
+
+    The s new tokens attend over the ring as it was plus themselves (a chunk longer than L needs
+    its own early tokens, and a short one the ring's oldest entries, which writing first would
+    overwrite); the mask keeps, per query slot q, keys a with q - W < a <= q. Then the last
+    min(s, L) new tokens are written into the ring.
+    """
+    first, second, index, valid = self._cache_variables(latent.shape[:2], latent.dtype)
+    naive = self.cfg.decode_cache == "naive"
+    new_first, new_second = self._expand(w, latent, k_pe) if naive else (latent, k_pe)
+    b, new = latent.shape[:2]
+    length = valid.value.shape[1]
+    start = index.value
+    # The sequence slot each ring entry holds: the last one before `start` congruent to it
+    # (negative: never written).
+    entry = jnp.arange(length, dtype=jnp.int32)
+    held = start - 1 - jnp.mod(start - 1 - entry, length)
+    new_slots = start + jnp.arange(new, dtype=jnp.int32)
+    real = jnp.ones((b, new), jnp.bool_) if segment_ids is None else segment_ids > 0
+    axis = 2 if naive else 1  # the slot axis
+    dtype = first.value.dtype
+    keys = [
+      jnp.concatenate([cached.value, fresh.astype(dtype)], axis=axis)
+      for cached, fresh in ((first, new_first), (second, new_second))
+    ]
+    key_slots = jnp.broadcast_to(jnp.concatenate([held, new_slots]), (b, length + new))
+    key_valid = jnp.concatenate([valid.value & (held >= 0)[None], real], axis=1)
+    query_slots = jnp.broadcast_to(new_slots, (b, new))
+    mask = attention_mask(query_slots, key_slots, k_valid=key_valid, window=self.window)
+    kept = min(new, length)
+    entries = jnp.mod(start + new - kept + jnp.arange(kept, dtype=jnp.int32), length)
+    for cached, fresh in ((first, new_first), (second, new_second)):
+      tail = jax.lax.slice_in_dim(fresh.astype(dtype), new - kept, new, axis=axis)
+      at = (slice(None), slice(None), entries) if naive else (slice(None), entries)
+      cached.value = cached.value.at[at].set(tail)
+    valid.value = valid.value.at[:, entries].set(real[:, new - kept :])
+    index.value = start + new
+    if naive:
+      return self._naive_cached(w, q_nope, q_pe, keys[0], keys[1], mask)
+    return self._absorbed(w, q_nope, q_pe, keys[0], keys[1], mask)
