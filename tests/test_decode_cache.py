@@ -57,7 +57,8 @@ def _greedy(cfg, variables, prompt, new_tokens: int, prefill_chunk: int):
   return jnp.concatenate(tokens, axis=1), jnp.stack(chosen, axis=1)
 
 
-@pytest.mark.parametrize("prefill_chunk", [1, 4])
+# Token by token (chunk 1) is slow-marked for CI time: tests/test_mla.py decodes token by token.
+@pytest.mark.parametrize("prefill_chunk", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_greedy_decode_is_the_same_with_either_cache_and_the_full_forward(variables, prefill_chunk):
   prompt = jax.random.randint(jax.random.key(1), (2, 4), 0, TINY.vocab_size)
   n = 6
@@ -121,6 +122,7 @@ def test_naive_cache_holds_per_head_keys_and_values():
   assert flat[("moe_layers", "attn", "value")].shape == (layers, 3, h, 7, TINY.v_head_dim)
 
 
+@pytest.mark.slow  # CI time: tests/test_sharding.py shards the absorbed cache in the fast suite
 def test_sharded_naive_cache_gives_the_same_logits(variables):
   """Batch over data x expert and heads over tensor, as `cache_shardings` places them."""
   cfg = _cfg("naive")
