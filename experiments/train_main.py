@@ -18,6 +18,7 @@ from experiments.flag_errors import exit_on_bad_input
 from experiments.flagfile import replayable_flags
 from r1jax import ModelConfig, distributed, host_memory, param_count, sharding
 from r1jax.checkpoint import load_weights, read_config
+from r1jax.config import variant_overrides
 from r1jax.data.pipeline import SOURCES, DataConfig, make_pipeline
 from r1jax.train import paths, trainer
 from r1jax.train.loop import TrainConfig, check_fits
@@ -143,32 +144,16 @@ def model_overrides() -> dict:
       out[key] = getattr(FLAGS, flag)
   if FLAGS.balance_alpha is not None:
     out["aux_loss_alpha"] = FLAGS.balance_alpha
-  out.update(_variant_overrides())
-  out["moe_impl"] = FLAGS.moe_impl
-  return out
-
-
-def _variant_overrides() -> dict:
-  """--attention_windows and the --merge_* flags as ModelConfig fields; either one turns the
-  layer scan off (the layers differ)."""
-  out = {}
-  if FLAGS.attention_windows:
-    try:
-      out["attention_windows"] = tuple(int(w) for w in FLAGS.attention_windows)
-    except ValueError:
-      raise ValueError(
-        f"--attention_windows: {','.join(FLAGS.attention_windows)!r} is not a list of integers, "
-        "one per layer (0: global)"
-      ) from None
-  if FLAGS.merge_ratio:
-    out.update(
-      merge_ratio=FLAGS.merge_ratio,
-      merge_layer=FLAGS.merge_layer,
-      inflate_layer=FLAGS.inflate_layer,
-      merge_threshold=FLAGS.merge_threshold,
+  out.update(
+    variant_overrides(
+      FLAGS.attention_windows,
+      FLAGS.merge_ratio,
+      FLAGS.merge_layer,
+      FLAGS.inflate_layer,
+      FLAGS.merge_threshold,
     )
-  if out:
-    out["scan_layers"] = False
+  )
+  out["moe_impl"] = FLAGS.moe_impl
   return out
 
 

@@ -399,6 +399,32 @@ def _validate(c: ModelConfig) -> None:
   _check(c.initializer_range > 0, "initializer_range", "must be positive")
 
 
+def variant_overrides(
+  windows: list[str], merge_ratio: float, merge_layer: int, inflate_layer: int, threshold: float
+) -> dict[str, Any]:
+  """The trainer's --attention_windows and --merge_* values as ModelConfig fields; either one
+  turns the layer scan off (the layers differ). Raises a ValueError naming the flag."""
+  out: dict[str, Any] = {}
+  if windows:
+    try:
+      out["attention_windows"] = tuple(int(w) for w in windows)
+    except ValueError:
+      raise ValueError(
+        f"--attention_windows: {','.join(windows)!r} is not a list of integers, one per layer "
+        "(0: global)"
+      ) from None
+  if merge_ratio:
+    out.update(
+      merge_ratio=merge_ratio,
+      merge_layer=merge_layer,
+      inflate_layer=inflate_layer,
+      merge_threshold=threshold,
+    )
+  if out:
+    out["scan_layers"] = False
+  return out
+
+
 def _validate_variants(c: ModelConfig) -> None:
   """attention_windows and the token-merging fields."""
   w = c.attention_windows

@@ -24,11 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       ["--preset=tiny", "--contexts=16", "--steps=2", "--warmup=1", "--prefill_chunk=8"],
       "absorbed/naive tokens/s at 16: ",
     ),
-    (
+    pytest.param(  # slow: four compiles; tests/test_token_merge.py covers what it measures
       "token_efficiency",
       ["--preset=tiny", "--seq=16", "--batch=2", "--ratios=0.25", "--steps=1", "--inflate_layer=2"]
       + ["--train_steps=3", "--train_seq=16", "--warmup=2"],
       "merge/off tokens/s ratio: ",
+      marks=pytest.mark.slow,
     ),
     pytest.param(
       "hf_load_memory", ["--preset=tiny"], "load peak = model + ", marks=pytest.mark.slow

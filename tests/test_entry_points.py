@@ -48,18 +48,12 @@ def test_pretrain_one_step(tmp_path, source):
 
 
 def test_pretrain_flags_turn_on_local_attention_and_token_merging(tmp_path):
-  """--attention_windows and --merge_* become the ModelConfig fields (layers unrolled), and
-  that model trains a step, packed documents and all."""
-  from absl import flags
-  from absl.testing import flagsaver
+  """--attention_windows and --merge_* values become the ModelConfig fields (layers unrolled;
+  tests/test_experiments.py passes bad ones through the flags), and that model trains a step,
+  packed documents and all."""
+  from r1jax.config import variant_overrides
 
-  from experiments import train_main
-
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()  # defaults for every other flag
-  variants = dict(attention_windows=["0", "8", "0"], merge_ratio=0.25, inflate_layer=3)
-  with flagsaver.flagsaver(**variants):
-    overrides = train_main._variant_overrides()
+  overrides = variant_overrides(["0", "8", "0"], 0.25, 1, 3, 0.9)  # the flags' values
   assert overrides == dict(
     attention_windows=(0, 8, 0),
     merge_ratio=0.25,

@@ -181,3 +181,12 @@ def test_a_model_with_variants_has_no_hf_config():
   cfg = ModelConfig.from_preset("tiny", scan_layers=False, attention_windows=(0, 4, 0))
   with pytest.raises(ValueError, match="^attention_windows / merge_ratio: "):
     cfg.to_hf_config()
+
+
+def test_speculative_decoding_refuses_local_layers():
+  """Rejected drafts leave cache holes, and a window counts slots: refused, field named."""
+  from r1jax.speculative import SpeculativeGenerator
+
+  cfg = ModelConfig.from_preset("tiny", scan_layers=False, attention_windows=(0, 4, 0))
+  with pytest.raises(ValueError, match="^attention_windows: speculative decoding"):
+    SpeculativeGenerator(cfg, max_prompt_len=4, max_new_tokens=4, eos_id=3)

@@ -177,3 +177,9 @@ def test_a_model_with_merging_trains():
     losses.append(float(metrics["loss"]))
   assert min(losses[-5:]) < 0.5 * losses[0], (losses[0], losses[-5:])
   assert float(jnp.abs(state.params["inflate"]["gate"] - 1).max()) > 1e-4
+
+
+def test_decoding_a_merging_model_is_refused_with_the_field_named():
+  decoder = Transformer(MERGING, decode=True)
+  with pytest.raises(ValueError, match="^merge_ratio: token merging is a training"):
+    jax.eval_shape(decoder.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
