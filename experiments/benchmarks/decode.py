@@ -74,8 +74,6 @@ head, projections) is the same for both forms; before the pair loop it was ~50 m
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -85,6 +83,7 @@ from absl import app, flags
 from flax import traverse_util
 from flax.linen import meta
 
+from experiments.benchmarks.timing import time_steps
 from r1jax.config import DECODE_CACHES, PRESETS, ModelConfig
 from r1jax.model import Transformer
 from r1jax.sizing import kv_cache_bytes_per_token
@@ -168,23 +167,6 @@ def cache_bytes(cache, form: str) -> tuple[int, int]:
   flat = traverse_util.flatten_dict(cache)
   cached = sum(x.nbytes for path, x in flat.items() if path[-1] in _CACHED[form])
   return cached, sum(x.nbytes for x in flat.values()) - cached
-
-
-def time_steps(steps: dict[str, Callable[[], object]], reps: int, warmup: int):
-  """Median seconds per step of each side and each side's first result, timed steps alternating
-  between the sides."""
-  first = {}
-  for name, step in steps.items():
-    first[name] = step()
-    for _ in range(warmup - 1):
-      step()
-  times = {name: [] for name in steps}
-  for _ in range(reps):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}, first
 
 
 def run_context(

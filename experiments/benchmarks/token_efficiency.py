@@ -25,8 +25,6 @@ steps). The last line is `merge/off tokens/s ratio: X.XX`.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +32,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from experiments.benchmarks.timing import time_steps
 from r1jax import host_memory
 from r1jax.config import PRESETS, ModelConfig
 from r1jax.data.pipeline import DataConfig, make_pipeline
@@ -88,20 +87,6 @@ def _with_gate(cfg: ModelConfig, params):
   return {**params, "inflate": {"gate": jnp.ones((cfg.hidden_size,), jnp.float32)}}
 
 
-def _alternate(calls: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-  """Runs each call `warmup` times, then `rounds` rounds of one call each; seconds per call."""
-  for call in calls.values():
-    for _ in range(warmup):
-      call()
-  times = {name: [] for name in calls}
-  for _ in range(rounds):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - start)
-  return times
-
-
 def forward_times(preset, ratios, batch, seq, steps, seed) -> list[tuple[float, int, float]]:
   """(ratio, tokens in the merged band per row, median ms per forward) for each ratio."""
   base = variant_config(preset)
@@ -113,8 +98,8 @@ def forward_times(preset, ratios, batch, seq, steps, seed) -> list[tuple[float, 
     state = {**variables, "params": _with_gate(cfg, variables["params"])}
     forward = jax.jit(Transformer(cfg).apply).lower(state, tokens).compile()
     calls[ratio] = lambda f=forward, s=state: jax.block_until_ready(f(s, tokens))
-  times = _alternate(calls, steps, warmup=2)
-  return [(r, seq - merge_count(seq, r), 1e3 * statistics.median(times[r])) for r in ratios]
+  seconds, _ = time_steps(calls, steps, warmup=2)
+  return [(r, seq - merge_count(seq, r), 1e3 * seconds[r]) for r in ratios]
 
 
 def training_runs(preset, variants: dict, batch, seq, steps, warmup, lr, seed):
@@ -149,14 +134,14 @@ def training_runs(preset, variants: dict, batch, seq, steps, warmup, lr, seed):
     run["losses"].append(float(metrics["lm_loss"]))  # waits for the step
     run["i"] += 1
 
-  times = _alternate({n: lambda r=r: call(r) for n, r in runs.items()}, steps - warmup, warmup)
+  seconds, _ = time_steps({n: lambda r=r: call(r) for n, r in runs.items()}, steps - warmup, warmup)
   out = {}
   for name, run in runs.items():
     losses = run["losses"]
     out[name] = (
       losses[0],
       float(np.mean(losses[-5:])),
-      batch * seq / statistics.median(times[name]),
+      batch * seq / seconds[name],
     )
   return out
 

@@ -75,9 +75,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import jax
@@ -86,6 +84,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from experiments.benchmarks import timing
 from r1jax import hf, host_memory
 from r1jax.config import MOE_IMPLS, PRESETS, ModelConfig
 from r1jax.model import Transformer
@@ -233,20 +232,7 @@ def time_steps(steps: dict[str, Callable[[], object]], reps: int, warmup: int):
   after a short pause when there are several: both runtimes keep worker threads spinning for a
   while after their work, and torch's OpenMP threads are slowed badly by any competition.
   """
-  first_loss = {}
-  for name, step in steps.items():
-    first_loss[name] = step()
-    for _ in range(warmup - 1):
-      step()
-  times = {name: [] for name in steps}
-  for _ in range(reps):
-    for name, step in steps.items():
-      if len(steps) > 1:
-        time.sleep(_PAUSE_S)
-      start = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}, first_loss
+  return timing.time_steps(steps, reps, warmup, pause_s=_PAUSE_S)
 
 
 def matmul_peak(reps: int = 5) -> float:
