@@ -138,7 +138,9 @@ def _logits(cfg, tokens):
 def test_with_every_option_off_the_model_is_bit_identical(scan):
   """Windows all 0 and merge_ratio 0 (the other merge fields set) give the preset's params and
   logits bit for bit; and the preset gives the logits written before the options existed
-  (tests/golden, float32 on the 2-core x86-64 CPU: equal to the last bit there)."""
+  (tests/golden, float32 on the 2-core x86-64 CPU: equal to the last bit there at XLA's default
+  LLVM level; the suite compiles at -O0 (conftest), which moves a few logits of magnitude ~0.01
+  by ~1.3e-7, hence atol 1e-6: a change to the model moves them by orders of magnitude more)."""
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
   preset = ModelConfig.from_preset("tiny", scan_layers=scan, dtype="float32")
   off = ModelConfig.from_preset(
@@ -156,7 +158,7 @@ def test_with_every_option_off_the_model_is_bit_identical(scan):
   assert jax.tree.all(jax.tree.map(np.array_equal, variables, variables_off))
   np.testing.assert_array_equal(got, want)
   golden = np.load(GOLDEN)[f"forward_scan{int(scan)}"]
-  np.testing.assert_allclose(got, golden, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got, golden, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
