@@ -70,6 +70,23 @@ form's per-head products (one query row each) stream its 80 MiB per layer at ~18
 orders of the einsums (latent-major scores, one [c + r] array, bth outputs) measured the same
 or slower in a micro-benchmark with the caches out of L3. The rest of the step (~12 ms: MoE,
 head, projections) is the same for both forms; before the pair loop it was ~50 ms.
+
+Tried on 2026-11-25, same VM, at 4096 (absorbed / naive ms per step, ratio), none adopted:
+  XLA:CPU's dot libraries, by XLA_FLAGS: the default (YNNPACK dots) 25.82 / 30.95, 1.20;
+    --xla_cpu_experimental_ynn_fusion_type= (Eigen) 33.36 / 32.12, 0.96; --xla_cpu_use_onednn
+    19.88 / 22.98, 1.16; Eigen + --xla_cpu_experimental_xnn_fusion_type=dot 23.61 / 23.87,
+    1.01; YNNPACK for dots, elementwise and reductions 25.51 / 29.24, 1.15. Some speed both
+    forms up; none speeds the absorbed scores more than the naive form's streaming.
+  The scores `bshc,btc->bsht` alone (8 MiB latent out of cache): 2.0 ms; the latent split into
+    16 or 64 blocks of keys 1.6 ms; one vector product per head 2.8 ms; latent-major 2.0 ms; a
+    multiply-and-sum 59 ms. The whole absorbed core with latent and RoPE key as one [c + r]
+    array: 3.9 against 3.7 ms.
+  The MoE pair loop in expert order (pairs sharing an expert back to back): 11.5 against 11.4
+    ms for three layers at 4 tokens (21 distinct experts of 24 pairs).
+So 2x at 4096 (the absorbed step <= ~14.8 ms with the naive one at ~29.5) needs the absorbed
+attention near the memory bandwidth the naive form streams at (~18 GB/s: ~2.3 ms for 4 layers
+against ~12.6 now) with the rest of the step unchanged: a fused decode-attention kernel, which
+XLA:CPU's dot kernels do not provide.
 """
 
 from __future__ import annotations

@@ -68,6 +68,15 @@ Memory note: both runtimes allocate large buffers afresh each step and this VM c
 per 4 KiB page fault. GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc asks for transparent huge
 pages) made r1jax alone ~7% faster here, but slowed both sides of this two-model process
 (r1jax 6.1-6.5 s/step, transformers 3.5-4.4 s/step): leave it unset for this benchmark.
+
+What the target asks of this VM (2026-11-25): the best float32 matmul either library reaches
+here is 159 GFLOP/s (torch/MKL, 2048^3, best of 10; XLA 145 at 3072^3), so the step's 232.4
+GFLOP take >= 1.46 s at that rate, and 1.5x transformers' 2.90 s/step means <= 1.93 s/step:
+76% of the best matmul rate sustained over the whole step, AdamW and the elementwise work
+included (transformers runs at 80 GFLOP/s, half of it). XLA:CPU's dot libraries, r1jax alone
+(3 steps, one run each): default (YNNPACK) 3.62 s/step; Eigen
+(--xla_cpu_experimental_ynn_fusion_type=) 3.91; --xla_cpu_use_onednn 3.79; Eigen with
+XNNPACK dots (--xla_cpu_experimental_xnn_fusion_type=dot) 3.35: within ~8%, none adopted.
 """
 
 from __future__ import annotations
