@@ -6,12 +6,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from r1jax import ModelConfig, Transformer
 from r1jax.train.losses import mtp_loss, next_token_loss
-from r1jax.train.step import LossConfig, init_state, make_train_step
+from tests.one_batch import train_on_one_batch
 
 TINY = ModelConfig.from_preset("tiny")
 
@@ -124,13 +123,6 @@ def test_tiny_model_overfits_one_batch_with_mtp():
   """Loss (LM + 0.3 MTP + balance) falls by > 90% within 300 steps on one fixed batch."""
   model = Transformer(TINY)
   tokens = jax.random.randint(jax.random.key(3), (8, 32), 0, TINY.vocab_size)
-  optimizer = optax.adam(3e-3)
-  state = init_state(model, tokens, optimizer, jax.random.key(4))
-  step = make_train_step(model, optimizer, LossConfig(mtp_weight=0.3))
-  mask = jnp.ones_like(tokens)
-  losses = []
-  for _ in range(300):
-    state, metrics = step(state, tokens, mask)
-    losses.append(float(metrics["loss"]))
+  _, losses, metrics = train_on_one_batch(model, tokens, 300)
   assert metrics["mtp_loss"] < 0.1 * losses[0]
   assert min(losses[-20:]) < 0.1 * losses[0], (losses[0], losses[-20:])

@@ -5,7 +5,6 @@ causality with merging on, and fewer tokens through the merged band."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from r1jax import ModelConfig, Transformer
@@ -15,7 +14,7 @@ from r1jax.layers.token_merge import (
   merge_tokens,
   select_riders,
 )
-from r1jax.train.step import LossConfig, init_state, make_train_step
+from tests.one_batch import train_on_one_batch
 
 MERGING = ModelConfig.from_preset(
   "tiny", scan_layers=False, merge_ratio=0.25, merge_layer=1, inflate_layer=2
@@ -167,14 +166,7 @@ def test_a_model_with_merging_trains():
   """One fixed batch: the loss falls by more than half in 60 steps, the gate learns."""
   model = Transformer(MERGING)
   tokens = jax.random.randint(jax.random.key(3), (4, 32), 0, MERGING.vocab_size)
-  optimizer = optax.adam(3e-3)
-  state = init_state(model, tokens, optimizer, jax.random.key(4))
-  step = make_train_step(model, optimizer, LossConfig(mtp_weight=0.3))
-  mask = jnp.ones_like(tokens)
-  losses = []
-  for _ in range(60):
-    state, metrics = step(state, tokens, mask)
-    losses.append(float(metrics["loss"]))
+  state, losses, _ = train_on_one_batch(model, tokens, 60)
   assert min(losses[-5:]) < 0.5 * losses[0], (losses[0], losses[-5:])
   assert float(jnp.abs(state.params["inflate"]["gate"] - 1).max()) > 1e-4
 
