@@ -55,6 +55,9 @@ class ModelConfig:
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
   decode_cache: str = "absorbed"  # one of DECODE_CACHES; the same model either way
+  # Decode steps on XLA:CPU run r1jax's C++ kernels (r1jax/cpu_kernels) where they apply; False:
+  # XLA's ops only. The same results either way (float32 rounding aside).
+  cpu_kernels: bool = True
 
   # --- DeepSeekMoE. Routed experts are selected per token by the gate; shared experts see every
   # token (one fused SwiGLU of n_shared_experts * moe_intermediate_size).
@@ -247,6 +250,7 @@ _NOT_FROM_HF = frozenset(
     "moe_impl",
     "expert_exchange",
     "decode_cache",
+    "cpu_kernels",
     "capacity_factor",
     "scan_layers",
     "remat",
@@ -266,6 +270,7 @@ _NOT_TO_HF = frozenset(
     "moe_impl",
     "expert_exchange",
     "decode_cache",
+    "cpu_kernels",
     "capacity_factor",
     "scan_layers",
     "remat",

@@ -85,6 +85,7 @@ def route_and_run(
   impl: str = "auto",
   capacity_factor: float | None = None,
   exchange: str = "auto",
+  cpu_kernel: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Routes the tokens and runs their routed experts, sharded over the context mesh if any.
 
@@ -99,6 +100,8 @@ def route_and_run(
     impl: dispatch-op implementation.
     capacity_factor: None (dropless); a capacity works only without a mesh.
     exchange: "auto" | "all_gather" | "ragged_all_to_all".
+    cpu_kernel: without a mesh, decode sizes on XLA:CPU run the C++ kernel
+      (`r1jax.layers.experts.routed_experts`); the sharded paths keep XLA's ops.
 
   Returns:
     out [T, D] in x.dtype, experts [T, K] and counts [E] (over the whole batch).
@@ -107,7 +110,7 @@ def route_and_run(
   if mesh is None:
     weights, experts, counts = route(logits, bias)
     out = local_routed_experts(
-      x, weights, experts, wi, wo, impl=impl, capacity_factor=capacity_factor
+      x, weights, experts, wi, wo, impl=impl, capacity_factor=capacity_factor, cpu_kernel=cpu_kernel
     )
     return out, experts, counts
   batch, n = _check_mesh(mesh, x.shape[0], wi.shape[0], capacity_factor)

@@ -37,6 +37,7 @@ from jax import lax
 
 from pallas_kernels import gmm, inverse_permutation, permute, unpermute
 from pallas_kernels._impl import resolve_impl
+from r1jax.cpu_kernels.routed_experts import routed_experts_decode
 
 
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
@@ -92,6 +93,7 @@ def routed_experts(
   impl: str = "auto",
   capacity_factor: float | None = None,
   drop_id: bool = False,
+  cpu_kernel: bool = False,
 ) -> jax.Array:
   """Weighted sum of each token's K routed SwiGLU experts.
 
@@ -107,6 +109,8 @@ def routed_experts(
       ceil(capacity_factor * T * K / E) pairs in token order and drops the rest.
     drop_id: experts may hold the id E, meaning "no expert here" (the pair is skipped); the
       expert-parallel exchange marks other shards' pairs this way.
+    cpu_kernel: decode sizes on XLA:CPU run `r1jax.cpu_kernels.routed_experts`' C++ kernel
+      (False: XLA's loop over pairs).
 
   Returns:
     [T, D] in x.dtype.
@@ -122,7 +126,10 @@ def routed_experts(
     experts = jnp.where(keep, experts, e)  # the overflow id, sorted behind the kept rows
     num_ids = e + 1
   if resolve_impl(impl, "routed_experts") == "xla" and t * k <= 2 * e:
-    return _pairwise_experts(x, weights, experts, wi.reshape(e, -1, 2 * f), wo)
+    wi = wi.reshape(e, -1, 2 * f)
+    if cpu_kernel:  # on XLA:CPU, one pass over each used expert's weights (r1jax.cpu_kernels)
+      return routed_experts_decode(x, weights, experts, wi, wo, reference=_pairwise_experts)
+    return _pairwise_experts(x, weights, experts, wi, wo)
   x_sorted, group_sizes, perm = permute(x, experts, num_ids, impl=impl)
   group_sizes = group_sizes[:e]
   h = gmm(x_sorted, wi.astype(x.dtype), group_sizes, impl=impl)

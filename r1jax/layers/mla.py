@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
+from r1jax.cpu_kernels.latent_attention import latent_attention
 from r1jax.layers.common import dtype_of, kernel_param
 from r1jax.layers.norm import RMSNorm
 from r1jax.layers.rope import apply_rope, softmax_scale
@@ -304,10 +305,11 @@ class MLA(nn.Module):
     nope = self.cfg.qk_nope_head_dim
     wkv_b = w["wkv_b"]
     q_latent = jnp.einsum("bshd,chd->bshc", q_nope, wkv_b[..., :nope])
-    scores = jnp.einsum("bshc,btc->bsht", q_latent, latent)
-    scores += jnp.einsum("bshr,btr->bsht", q_pe, k_pe)
-    probs = masked_softmax(scores * softmax_scale(self.cfg), mask).astype(latent.dtype)
-    out_latent = jnp.einsum("bsht,btc->bshc", probs, latent)
+    # scores `bshc,btc->bsht` + `bshr,btr->bsht`, masked softmax, `bsht,btc->bshc`: a fused
+    # C++ kernel for decode steps on XLA:CPU (r1jax.cpu_kernels.latent_attention)
+    out_latent = latent_attention(
+      q_latent, q_pe, latent, k_pe, mask, softmax_scale(self.cfg), self.cfg.cpu_kernels
+    )
     out = jnp.einsum("bshc,chd->bshd", out_latent, wkv_b[..., nope:])
     return jnp.einsum("bshd,hdm->bsm", out, w["wo"])
 

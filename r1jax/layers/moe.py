@@ -107,6 +107,7 @@ class MoE(nn.Module):
       impl=cfg.moe_impl,
       capacity_factor=cfg.capacity_factor,
       exchange=cfg.expert_exchange,
+      cpu_kernel=cfg.cpu_kernels,
     )
     if self.is_mutable_collection("moe_stats"):
       self._record_stats(logits, experts, counts, b)

@@ -1,0 +1,376 @@
+// Absorbed MLA attention over the latent cache, fused, float32, for XLA:CPU (an XLA FFI handler).
+//
+// For each batch row b, query s and head h (r1jax/layers/mla.py's letters):
+//   scores[t] = (q_latent[b,s,h,:] . latent[b,t,:] + q_rope[b,s,h,:] . rope_key[b,t,:]) * scale
+//   scores[t] = -1e30 where !mask[b,s,t]          (finite: a fully masked row gets a uniform softmax)
+//   out[b,s,h,:] = sum_t softmax(scores)[t] * latent[b,t,:]
+// which is `bshc,btc->bsht` + `bshr,btr->bsht`, masked softmax, `bsht,btc->bshc`.
+//
+// Why a kernel: with 8 heads the scores are a skinny product against the transposed latent, which
+// XLA:CPU's dot kernels run far below the machine's FMA rate, and the [b, s, h, t] scores and
+// probabilities make three more passes over memory. Here each block of kBlock keys is read from
+// memory once, scored for all heads (4 heads x 2 keys of register accumulators), softmaxed online
+// (running max and sum per head) and folded into the output while it is still in L1.
+//
+// Work items are (row (b, s), chunk of keys): a decode step's few rows are split along the keys
+// too (flash-decoding) so that every thread of XLA's intra-op pool has work; the chunks' partial
+// results (max, sum, unnormalised output) are merged at the end.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+constexpr int64_t kBlock = 32;      // keys per online-softmax block: a block's latent fits in L1
+constexpr int64_t kHeads = 4;       // heads per register tile
+constexpr float kNegInf = -1e30f;   // as r1jax/layers/mla.py's _NEG_INF
+constexpr int64_t kMinChunk = 256;  // keys per work item at least
+constexpr int64_t kPrefetch = 64;  // keys ahead: software prefetch, 2x faster out of cache
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Keeps v in a register: without it GCC folds each use of a loaded key into its FMA as a memory
+// operand, loading it once per head, and the tiles become bound by loads instead of FMAs.
+inline v8 in_register(v8 v) {
+#if defined(__AVX__)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
+
+inline float hsum(v8 v) {
+  v8 a = v + __builtin_shuffle(v, v8i{4, 5, 6, 7, 0, 1, 2, 3});
+  a = a + __builtin_shuffle(a, v8i{2, 3, 0, 1, 6, 7, 4, 5});
+  a = a + __builtin_shuffle(a, v8i{1, 0, 3, 2, 5, 4, 7, 6});
+  return a[0];
+}
+
+// The sums of eight vectors, as one vector: {sum(a[0]), ..., sum(a[7])}.
+inline v8 hsum8(const v8* a) {
+#if defined(__AVX__)
+  __m256 s01 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]);
+  __m256 s23 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+  __m256 s45 = _mm256_hadd_ps((__m256)a[4], (__m256)a[5]);
+  __m256 s67 = _mm256_hadd_ps((__m256)a[6], (__m256)a[7]);
+  __m256 s03 = _mm256_hadd_ps(s01, s23);  // lanes: 0123 of each 128-bit half
+  __m256 s47 = _mm256_hadd_ps(s45, s67);
+  __m256 lo = _mm256_permute2f128_ps(s03, s47, 0x20);
+  __m256 hi = _mm256_permute2f128_ps(s03, s47, 0x31);
+  return (v8)_mm256_add_ps(lo, hi);
+#else
+  v8 out;
+  for (int i = 0; i < 8; ++i) out[i] = hsum(a[i]);
+  return out;
+#endif
+}
+
+// exp(x) for the softmax's x <= 0: 2^n exp(f) with Cephes' expf polynomial (~1 ulp), 0 below
+// -87.3 (where float32 exp underflows).
+inline v8 exp8(v8 x) {
+  const v8i under = x < -87.3f;
+  x = under ? v8{} - 87.3f : x;
+  v8 n = x * 1.44269504088896341f + 0.5f;
+  v8i ni = __builtin_convertvector(n, v8i);
+  ni = ni - (__builtin_convertvector(ni, v8) > n ? v8i{} + 1 : v8i{});  // floor(n)
+  n = __builtin_convertvector(ni, v8);
+  x = x - n * 0.693359375f;
+  x = x + n * 2.12194440e-4f;
+  v8 y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.f;
+  v8i bits = (ni + 127) << 23;
+  v8 pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(pow2n));
+  return under ? v8{} : y * pow2n;
+}
+
+struct Dims {
+  int64_t B, S, H, C, R, T;
+  float scale;
+};
+
+// A block's scores live in "quad" layout: for head pair g (heads 2g, 2g + 1) and quad k4 (keys
+// 4 k4 .. 4 k4 + 3 of the block), one vector of 8 lanes, lane 4 hh + kk = head 2g + hh, key
+// 4 k4 + kk. It is what the 2 heads x 4 keys register tile's cross-lane sum (hsum8) yields, so
+// the tile stores one vector instead of extracting eight lanes; the softmax works on it
+// directly (each 128-bit half is one head), and the value pass reads its weights from it.
+constexpr int64_t kQuads = kBlock / 4;
+inline int64_t quad_index(int64_t head, int64_t key) {
+  return ((head / 2) * kQuads + key / 4) * 8 + (head % 2) * 4 + key % 4;
+}
+
+// Scores (unscaled, unmasked) of keys [tb, tb + n) for heads 2g, 2g + 1, in quad layout. A short
+// last quad repeats its last key (valid memory; the softmax gives those lanes weight 0).
+void score_tile(const Dims& d, const float* q, const float* qr, const float* lat,
+                const float* kpe, int64_t tb, int64_t n, int64_t g, float* scores) {
+  const int64_t C = d.C, R = d.R;
+  const float* q0 = q + 2 * g * C;
+  const float* qr0 = qr + 2 * g * R;
+  for (int64_t k4 = 0; 4 * k4 < n; ++k4) {
+    const float* k[4];
+    const float* r[4];
+    for (int kk = 0; kk < 4; ++kk) {
+      const int64_t t = tb + std::min(4 * k4 + kk, n - 1);
+      k[kk] = lat + t * C;
+      r[kk] = kpe + t * R;
+    }
+    if (g == 0) {  // fetch the keys kPrefetch ahead while these compute
+      for (int64_t j = 0; j < 4 * C; j += 16) __builtin_prefetch(k[0] + kPrefetch * C + j);
+      for (int64_t j = 0; j < 4 * R; j += 16) __builtin_prefetch(r[0] + kPrefetch * R + j);
+    }
+    v8 a[8] = {};  // a[4 * hh + kk]
+    for (int64_t j = 0; j < C; j += 8) {
+      v8 x[4];
+      for (int kk = 0; kk < 4; ++kk) x[kk] = in_register(load8(k[kk] + j));
+      for (int hh = 0; hh < 2; ++hh) {
+        const v8 qv = in_register(load8(q0 + hh * C + j));
+        for (int kk = 0; kk < 4; ++kk) a[4 * hh + kk] += qv * x[kk];
+      }
+    }
+    for (int64_t j = 0; j < R; j += 8) {
+      v8 x[4];
+      for (int kk = 0; kk < 4; ++kk) x[kk] = in_register(load8(r[kk] + j));
+      for (int hh = 0; hh < 2; ++hh) {
+        const v8 qv = in_register(load8(qr0 + hh * R + j));
+        for (int kk = 0; kk < 4; ++kk) a[4 * hh + kk] += qv * x[kk];
+      }
+    }
+    store8(scores + (g * kQuads + k4) * 8, hsum8(a));
+  }
+}
+
+// acc[h][:] += p[h][i] * lat[tb + i][:] for heads [h0, h0 + kHeads), p in quad layout: register
+// tile kHeads heads x 16 latent dims, over the block's keys.
+void accumulate_tile(const Dims& d, const float* lat, const float* p, int64_t tb, int64_t n,
+                     int64_t h0, float* acc) {
+  const int64_t C = d.C;
+  for (int64_t j = 0; j < C; j += 16) {
+    v8 a[2 * kHeads];
+    for (int64_t hh = 0; hh < kHeads; ++hh) {
+      a[2 * hh] = load8(acc + (h0 + hh) * C + j);
+      a[2 * hh + 1] = load8(acc + (h0 + hh) * C + j + 8);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float* k = lat + (tb + i) * C + j;
+      const v8 x0 = in_register(load8(k)), x1 = in_register(load8(k + 8));
+      for (int64_t hh = 0; hh < kHeads; ++hh) {
+        const float w = p[quad_index(h0 + hh, i)];
+        a[2 * hh] += w * x0;
+        a[2 * hh + 1] += w * x1;
+      }
+    }
+    for (int64_t hh = 0; hh < kHeads; ++hh) {
+      store8(acc + (h0 + hh) * C + j, a[2 * hh]);
+      store8(acc + (h0 + hh) * C + j + 8, a[2 * hh + 1]);
+    }
+  }
+}
+
+// Per 128-bit half (one head of the quad layout): every lane gets the half's max / sum.
+inline v8 half_max(v8 v) {
+  v = v > __builtin_shuffle(v, v8i{1, 0, 3, 2, 5, 4, 7, 6}) ? v : __builtin_shuffle(v, v8i{1, 0, 3, 2, 5, 4, 7, 6});
+  const v8 w = __builtin_shuffle(v, v8i{2, 3, 0, 1, 6, 7, 4, 5});
+  return v > w ? v : w;
+}
+inline v8 half_sum(v8 v) {
+  v = v + __builtin_shuffle(v, v8i{1, 0, 3, 2, 5, 4, 7, 6});
+  return v + __builtin_shuffle(v, v8i{2, 3, 0, 1, 6, 7, 4, 5});
+}
+
+// Running softmax state of one row and chunk: per head pair g, max m and sum l as quad-layout
+// vectors (each half one head, its four lanes equal).
+struct Running {
+  std::vector<v8> m, l;
+  explicit Running(int64_t pairs) : m(pairs, v8{} + kNegInf), l(pairs, v8{}) {}
+};
+
+// Scales and masks one block's scores, turns them into exp(score - running max) and updates
+// the running max and sum of each head; rescales acc where the max grew.
+void softmax_block(const Dims& d, const bool* mask, int64_t tb, int64_t n, float* scores,
+                   Running& run, float* acc) {
+  v8i keep[kQuads], in_block[kQuads];  // per quad: lanes kk and 4 + kk are key 4 k4 + kk
+  for (int64_t k4 = 0; 4 * k4 < n; ++k4) {
+    for (int kk = 0; kk < 4; ++kk) {
+      const int64_t i = 4 * k4 + kk;
+      in_block[k4][kk] = in_block[k4][kk + 4] = i < n ? -1 : 0;
+      keep[k4][kk] = keep[k4][kk + 4] = i < n && mask[tb + i] ? -1 : 0;
+    }
+  }
+  for (int64_t g = 0; g < d.H / 2; ++g) {
+    v8 vmax = v8{} + kNegInf;
+    for (int64_t k4 = 0; 4 * k4 < n; ++k4) {
+      float* sc = scores + (g * kQuads + k4) * 8;
+      const v8 s = keep[k4] ? load8(sc) * d.scale : v8{} + kNegInf;
+      store8(sc, s);
+      vmax = vmax > s ? vmax : s;
+    }
+    const v8 mn = half_max(run.m[g] > vmax ? run.m[g] : vmax);
+    const v8 corr = exp8(run.m[g] - mn);
+    v8 vsum = {};
+    for (int64_t k4 = 0; 4 * k4 < n; ++k4) {
+      // Lanes past n get weight 0; masked keys exp(-1e30 - max), which is 0 unless every key so
+      // far is masked (then the max is -1e30 too and the weights uniform, as the reference).
+      float* sc = scores + (g * kQuads + k4) * 8;
+      const v8 w = in_block[k4] ? exp8(load8(sc) - mn) : v8{};
+      store8(sc, w);
+      vsum += w;
+    }
+    run.l[g] = run.l[g] * corr + half_sum(vsum);
+    run.m[g] = mn;
+    for (int64_t hh = 0; hh < 2; ++hh) {
+      const float c = corr[4 * hh];
+      if (c != 1.f) {
+        float* row = acc + (2 * g + hh) * d.C;
+        for (int64_t j = 0; j < d.C; ++j) row[j] *= c;
+      }
+    }
+  }
+}
+
+// One row (b, s) over keys [t0, t1): partial max m[H], sum l[H] and unnormalised output acc[H, C].
+void attend_chunk(const Dims& d, const float* q, const float* qr, const float* lat,
+                  const float* kpe, const bool* mask, int64_t t0, int64_t t1, float* m, float* l,
+                  float* acc) {
+  std::vector<float> scores(d.H * kBlock);
+  Running run(d.H / 2);
+  std::fill(acc, acc + d.H * d.C, 0.f);
+  for (int64_t tb = t0; tb < t1; tb += kBlock) {
+    const int64_t n = std::min(kBlock, t1 - tb);
+    for (int64_t g = 0; g < d.H / 2; ++g) score_tile(d, q, qr, lat, kpe, tb, n, g, scores.data());
+    softmax_block(d, mask, tb, n, scores.data(), run, acc);
+    for (int64_t h0 = 0; h0 < d.H; h0 += kHeads) accumulate_tile(d, lat, scores.data(), tb, n, h0, acc);
+  }
+  for (int64_t h = 0; h < d.H; ++h) {
+    m[h] = run.m[h / 2][4 * (h % 2)];
+    l[h] = run.l[h / 2][4 * (h % 2)];
+  }
+}
+
+// The work shared with the helper tasks. They may start after the handler returned (and then
+// find no item left), so a shared_ptr owns it, never the handler's stack frame.
+struct Job {
+  Dims d;
+  int64_t chunks, chunk, items;
+  const float *q, *qr, *lat, *kpe;
+  const bool* mask;
+  std::vector<float> m, l, acc;  // per item: [H], [H], [H, C]
+  std::atomic<int64_t> next{0}, done{0};
+
+  void drain() {
+    const int64_t HC = d.H * d.C;
+    for (int64_t it; (it = next.fetch_add(1)) < items;) {
+      const int64_t row = it / chunks, c = it % chunks, b = row / d.S;
+      const int64_t t0 = c * chunk, t1 = std::min(d.T, t0 + chunk);
+      attend_chunk(d, q + row * HC, qr + row * d.H * d.R, lat + b * d.T * d.C,
+                   kpe + b * d.T * d.R, mask + row * d.T, t0, t1, m.data() + it * d.H,
+                   l.data() + it * d.H, acc.data() + it * HC);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  // out[row, h, :] from the chunks' partial results.
+  void merge(float* out) const {
+    const int64_t HC = d.H * d.C;
+    for (int64_t row = 0; row < d.B * d.S; ++row) {
+      for (int64_t h = 0; h < d.H; ++h) {
+        float mx = kNegInf;
+        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, m[(row * chunks + c) * d.H + h]);
+        float total = 0.f;
+        float* dst = out + row * HC + h * d.C;
+        std::fill(dst, dst + d.C, 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t it = row * chunks + c;
+          const float w = std::exp(m[it * d.H + h] - mx);
+          total += l[it * d.H + h] * w;
+          const float* src = acc.data() + it * HC + h * d.C;
+          for (int64_t j = 0; j < d.C; ++j) dst[j] += w * src[j];
+        }
+        const float inv = 1.f / total;
+        for (int64_t j = 0; j < d.C; ++j) dst[j] *= inv;
+      }
+    }
+  }
+};
+
+ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> qr, ffi::Buffer<ffi::F32> lat,
+                               ffi::Buffer<ffi::F32> kpe, ffi::Buffer<ffi::PRED> mask, float scale,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), rd = qr.dimensions(), ld = lat.dimensions(),
+             kd = kpe.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || rd.size() != 4 || ld.size() != 3 || kd.size() != 3 || md.size() != 3) {
+    return ffi::Error::InvalidArgument("latent_attention: operand ranks must be 4, 4, 3, 3, 3");
+  }
+  Dims d{qd[0], qd[1], qd[2], qd[3], rd[3], ld[1], scale};
+  if (d.H % kHeads || d.C % 16 || d.R % 8 || rd[0] != d.B || rd[1] != d.S || rd[2] != d.H ||
+      ld[0] != d.B || ld[2] != d.C || kd[0] != d.B || kd[1] != d.T || kd[2] != d.R ||
+      md[0] != d.B || md[1] != d.S || md[2] != d.T) {
+    return ffi::Error::InvalidArgument(
+        "latent_attention: shapes must be q [b,s,h,c], q_rope [b,s,h,r], latent [b,t,c], "
+        "rope_key [b,t,r], mask [b,s,t] with h % 4 == 0, c % 16 == 0, r % 8 == 0");
+  }
+  auto job = std::make_shared<Job>();
+  job->d = d;
+  const int64_t rows = d.B * d.S;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Enough chunks that every thread gets two items, each at least kMinChunk keys.
+  int64_t chunks = std::max<int64_t>(1, (2 * threads + rows - 1) / rows);
+  int64_t chunk = std::max(kMinChunk, (d.T + chunks - 1) / chunks);
+  chunk = (chunk + kBlock - 1) / kBlock * kBlock;
+  job->chunks = std::max<int64_t>(1, (d.T + chunk - 1) / chunk);
+  job->chunk = chunk;
+  job->items = rows * job->chunks;
+  job->q = q.typed_data();
+  job->qr = qr.typed_data();
+  job->lat = lat.typed_data();
+  job->kpe = kpe.typed_data();
+  job->mask = mask.typed_data();
+  job->m.resize(job->items * d.H);
+  job->l.resize(job->items * d.H);
+  job->acc.resize(job->items * d.H * d.C);
+  const int64_t helpers = std::min(threads, job->items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->drain(); });
+  job->drain();
+  // Only items already claimed are waited for: those run on threads that are working.
+  while (job->done.load(std::memory_order_acquire) < job->items) std::this_thread::yield();
+  job->merge(out->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(R1jaxLatentAttention, LatentAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_latent [b, s, h, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_rope [b, s, h, r]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // latent [b, t, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rope_key [b, t, r]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [b, s, t]
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [b, s, h, c]
