@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
+from r1jax.cpu_kernels.small_matmul import small_matmul
 from r1jax.layers.block import ACTIVATION_AXES, block_stack
 from r1jax.layers.common import dtype_of, kernel_param
 from r1jax.layers.mtp import MTPLayer, shift_left
@@ -61,7 +62,8 @@ class Transformer(nn.Module):
 
   def head(self, h):
     """Final-normed h [b, s, m] -> float32 logits [b, s, v]."""
-    return jnp.einsum("bsm,mv->bsv", h.astype(jnp.float32), self.head_kernel().astype(jnp.float32))
+    h, kernel = h.astype(jnp.float32), self.head_kernel().astype(jnp.float32)
+    return small_matmul("bsm,mv->bsv", h, kernel, self.cfg.cpu_kernels)  # decode: C++ on CPU
 
   def hidden(self, tokens, positions=None, segment_ids=None):
     """tokens [b, s] -> final-normed hidden states [b, s, m] (the trunk without the head)."""

@@ -22,6 +22,7 @@ from r1jax.cpu_kernels.latent_attention import (
   latent_attention_reference,
 )
 from r1jax.cpu_kernels.routed_experts import routed_experts_decode
+from r1jax.cpu_kernels.small_matmul import small_matmul
 from r1jax.layers.experts import _pairwise_experts, routed_experts_dense_reference
 from r1jax.model import Transformer
 
@@ -62,6 +63,7 @@ def test_kernels_build_here():
   """A compiler is here, so both must build (CI fails rather than falling back silently)."""
   assert build.load("latent_attention.cc", "R1jaxLatentAttention", "r1jax_latent_attention")
   assert build.load("routed_experts.cc", "R1jaxRoutedExperts", "r1jax_routed_experts")
+  assert build.load("small_matmul.cc", "R1jaxSmallMatmul", "r1jax_small_matmul")
 
 
 @pytest.mark.parametrize(
@@ -169,6 +171,47 @@ def test_routed_experts_gradient_is_the_references():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+  "spec,x_shape,w_shape,n_in",
+  [
+    ("bsm,mv->bsv", (4, 1, 512), (512, 8192), 1),  # the `small` LM head at decode
+    ("...m,mgf->...gf", (2, 3, 130), (130, 2, 13), 1),  # a short last row block, odd columns
+    ("bshd,hdm->bsm", (1, 8, 4, 16), (4, 16, 24), 2),  # M = 8 rows, two contracted dims
+    ("bsm,mq->bsq", (1, 1, 5), (5, 3), 1),
+  ],
+)
+def test_small_matmul_matches_the_einsum(spec, x_shape, w_shape, n_in):
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = (rng.standard_normal(w_shape) / np.sqrt(x_shape[-1])).astype(np.float32)
+  fn = jax.jit(lambda x, w: small_matmul(spec, x, w, n_in=n_in))
+  assert "r1jax_small_matmul" in _lowered(fn, x, w)
+  got, want = fn(x, w), jnp.einsum(spec, x, w)
+  exact = np.einsum(spec, x.astype(np.float64), w.astype(np.float64))
+  assert got.shape == want.shape
+  _assert_as_accurate(got, want, exact)
+  np.testing.assert_array_equal(got, fn(x, w))  # the chunks' partial sums add in a fixed order
+
+
+def test_small_matmul_leaves_training_sizes_to_the_einsum():
+  x, w = np.ones((3, 3, 16), np.float32), np.ones((16, 4), np.float32)  # 9 rows
+  assert "r1jax_small_matmul" not in _lowered(lambda x, w: small_matmul("bsm,mv->bsv", x, w), x, w)
+  one = x[:1, :1]
+  off = lambda x, w: small_matmul("bsm,mv->bsv", x, w, use_kernel=False)
+  assert "r1jax_small_matmul" not in _lowered(off, one, w)
+
+
+def test_small_matmul_gradient_is_the_einsums():
+  rng = np.random.default_rng(2)
+  x, w = rng.standard_normal((2, 1, 12)).astype(np.float32), rng.standard_normal((12, 20))
+  w = w.astype(np.float32)
+  loss = lambda fn: lambda x, w: jnp.sum(jnp.tanh(fn("bsm,mv->bsv", x, w)))
+  got = jax.grad(loss(small_matmul), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(jnp.einsum), argnums=(0, 1))(x, w)
+  for g, v in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-6)
+
+
 def _decode_logits(cfg, steps=6):
   """Logits of a prefill of 5 tokens then `steps` single-token decode steps, batch 2."""
   model = Transformer(cfg, decode=True)
@@ -188,7 +231,8 @@ def test_decoding_with_and_without_the_kernels_gives_the_same_logits():
   cfg = ModelConfig.from_preset("tiny")
   with_kernels, text = _decode_logits(cfg)
   without, text_off = _decode_logits(ModelConfig.from_preset("tiny", cpu_kernels=False))
-  assert "r1jax_latent_attention" in text and "r1jax_routed_experts" in text
+  for target in ("r1jax_latent_attention", "r1jax_routed_experts", "r1jax_small_matmul"):
+    assert target in text, target
   assert "r1jax_" not in text_off
   np.testing.assert_allclose(with_kernels, without, rtol=1e-5, atol=1e-5)
 

@@ -113,12 +113,17 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per form first.", low
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Prefill tokens per call.", lower_bound=1)
 _SCAN = flags.DEFINE_bool("scan_layers", False, "Scan over layers (else unrolled).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the weights and tokens.")
+_KERNELS = flags.DEFINE_bool(
+  "cpu_kernels", True, "Both forms: r1jax's C++ XLA:CPU kernels (ModelConfig.cpu_kernels)."
+)
 
 FORMS = DECODE_CACHES  # ("absorbed", "naive")
 _CACHED = {"absorbed": ("latent", "rope_key"), "naive": ("key", "value")}
 
 
-def benchmark_config(preset: str, form: str, scan_layers: bool = False) -> ModelConfig:
+def benchmark_config(
+  preset: str, form: str, scan_layers: bool = False, cpu_kernels: bool = True
+) -> ModelConfig:
   """The preset in float32 with MTP off, decoding with the `form` cache."""
   return ModelConfig.from_preset(
     preset,
@@ -127,6 +132,7 @@ def benchmark_config(preset: str, form: str, scan_layers: bool = False) -> Model
     param_dtype="float32",
     scan_layers=scan_layers,
     decode_cache=form,
+    cpu_kernels=cpu_kernels,
   )
 
 
@@ -242,14 +248,16 @@ def run(
   scan_layers: bool = False,
   seed: int = 0,
   log: Callable[[str], None] = print,
+  cpu_kernels: bool = True,
 ) -> dict[int, dict[str, dict[str, float]]]:
   """Both forms at each context; the last line is their tokens/s ratio at the longest."""
-  cfgs = {form: benchmark_config(preset, form, scan_layers) for form in FORMS}
+  cfgs = {form: benchmark_config(preset, form, scan_layers, cpu_kernels) for form in FORMS}
   cfg = cfgs["absorbed"]
   log(
     f"{preset}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
     f"{cfg.num_attention_heads} heads, float32, MTP off, layers "
-    f"{'scanned' if scan_layers else 'unrolled'}; batch {batch}, {steps} timed steps per form"
+    f"{'scanned' if scan_layers else 'unrolled'}, C++ CPU kernels {'on' if cpu_kernels else 'off'}; "
+    f"batch {batch}, {steps} timed steps per form"
   )
   variables = init_variables(cfg, seed)
   results = {}
@@ -283,6 +291,7 @@ def main(argv):
     _CHUNK.value,
     _SCAN.value,
     _SEED.value,
+    cpu_kernels=_KERNELS.value,
   )
 
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
 from r1jax.cpu_kernels.latent_attention import latent_attention
+from r1jax.cpu_kernels.small_matmul import small_matmul
 from r1jax.layers.common import dtype_of, kernel_param
 from r1jax.layers.norm import RMSNorm
 from r1jax.layers.rope import apply_rope, softmax_scale
@@ -252,18 +253,18 @@ class MLA(nn.Module):
     """x [b, s, m] -> (q_nope [b, s, h, d], roped q_pe [b, s, h, r])."""
     cfg = self.cfg
     if cfg.q_lora_rank:
-      cq = jnp.einsum("bsm,mq->bsq", x, w["wq_a"])
+      cq = small_matmul("bsm,mq->bsq", x, w["wq_a"], cfg.cpu_kernels)
       cq = RMSNorm(cfg.rms_norm_eps, "q_lora", cfg.param_dtype, name="q_norm")(cq)
-      q = jnp.einsum("bsq,qhd->bshd", cq, w["wq_b"])
+      q = small_matmul("bsq,qhd->bshd", cq, w["wq_b"], cfg.cpu_kernels)
     else:
-      q = jnp.einsum("bsm,mhd->bshd", x, w["wq"])
+      q = small_matmul("bsm,mhd->bshd", x, w["wq"], cfg.cpu_kernels)
     nope = cfg.qk_nope_head_dim
     return q[..., :nope], apply_rope(q[..., nope:], positions, cfg)
 
   def latent(self, w, x, positions):
     """x [b, s, m] -> (normalised latent [b, s, c], roped shared key [b, s, r])."""
     cfg = self.cfg
-    kv = jnp.einsum("bsm,mc->bsc", x, w["wkv_a"])
+    kv = small_matmul("bsm,mc->bsc", x, w["wkv_a"], cfg.cpu_kernels)
     c = cfg.kv_lora_rank
     latent = RMSNorm(cfg.rms_norm_eps, "kv_lora", cfg.param_dtype, name="kv_norm")(kv[..., :c])
     return latent, apply_rope(kv[..., c:], positions, cfg)
@@ -311,7 +312,7 @@ class MLA(nn.Module):
       q_latent, q_pe, latent, k_pe, mask, softmax_scale(self.cfg), self.cfg.cpu_kernels
     )
     out = jnp.einsum("bshc,chd->bshd", out_latent, wkv_b[..., nope:])
-    return jnp.einsum("bshd,hdm->bsm", out, w["wo"])
+    return small_matmul("bshd,hdm->bsm", out, w["wo"], self.cfg.cpu_kernels, n_in=2)
 
   def _naive_cached(self, w, q_nope, q_pe, keys, values, mask):
     """DeepSeek's naive decode over the cached per-head keys [b, h, t, d+r] and values
@@ -320,7 +321,7 @@ class MLA(nn.Module):
     scores = jnp.einsum("bshd,bhtd->bsht", q, keys)
     probs = masked_softmax(scores * softmax_scale(self.cfg), mask).astype(values.dtype)
     out = jnp.einsum("bsht,bhtd->bshd", probs, values)
-    return jnp.einsum("bshd,hdm->bsm", out, w["wo"])
+    return small_matmul("bshd,hdm->bsm", out, w["wo"], self.cfg.cpu_kernels, n_in=2)
 
   def _expand(self, w, latent, k_pe):
     """latent [b, t, c], roped k_pe [b, t, r] -> keys [b, h, t, d+r], values [b, h, t, d_v]."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
+from r1jax.cpu_kernels.small_matmul import small_matmul
 from r1jax.layers.common import dtype_of, kernel_param
 
 
@@ -31,5 +31,6 @@ class MLP(nn.Module):
     cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
     wi = kernel_param(self, "wi", (cfg.hidden_size, 2, self.ffn_dim), ("embed", None, "mlp"), cfg)
     wo = kernel_param(self, "wo", (self.ffn_dim, cfg.hidden_size), ("mlp", "embed"), cfg)
-    h = jnp.einsum("...m,mgf->...gf", x, wi.astype(dtype))
-    return jnp.einsum("...f,fm->...m", swiglu(h), wo.astype(dtype))
+    # decode sizes on XLA:CPU: r1jax.cpu_kernels.small_matmul; otherwise the einsums themselves
+    h = small_matmul("...m,mgf->...gf", x, wi.astype(dtype), cfg.cpu_kernels)
+    return small_matmul("...f,fm->...m", swiglu(h), wo.astype(dtype), cfg.cpu_kernels)

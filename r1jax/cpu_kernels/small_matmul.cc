@@ -1,0 +1,120 @@
+// out [M, N] = x [M, K] @ w [K, N] for a decode step's few rows M, float32, for XLA:CPU (an XLA
+// FFI handler).
+//
+// Why a kernel: with M <= 8 rows the product is bound by reading w once, but XLA:CPU's dot
+// kernels stream a decode step's weights at 5-9 GB/s on the 2-core VM (the `small` LM head,
+// [4, 512] x [512, 8192]: 1.9 ms) where the memory gives ~20. Here the columns are split into
+// strips of kStrip; a strip's accumulators [M, kStrip] stay in L1 while its rows of w stream
+// through once, in order, with software prefetch; strips are spread over XLA's intra-op threads.
+// Each output element is a sum over k in order, whichever thread computed it: deterministic.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+constexpr int64_t kMaxRows = 8;
+constexpr int64_t kChunkRows = 128;  // rows of w per work item
+constexpr int64_t kBlockRows = 4;    // rows of w per pass over the item's accumulators
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// partial[m, :] = sum over k in [k0, k1), in order, of x[m, k] * w[k, :]: the rows of w stream
+// through once, contiguously, kBlockRows at a time against the accumulators (L2-resident).
+void rows_chunk(const float* x, const float* w, float* partial, int64_t M, int64_t K, int64_t N,
+                int64_t k0, int64_t k1) {
+  const int64_t vec = N / 8 * 8;
+  std::fill(partial, partial + M * N, 0.f);
+  for (int64_t k = k0; k < k1; k += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, k1 - k);
+    const float* w0 = w + k * N;
+    for (int64_t j = 0; j < N; j += 16) __builtin_prefetch(w0 + 2 * kBlockRows * N + j);
+    for (int64_t m = 0; m < M; ++m) {
+      float xs[kBlockRows];
+      for (int64_t r = 0; r < rows; ++r) xs[r] = x[m * K + k + r];
+      float* acc = partial + m * N;
+      int64_t j = 0;
+      if (rows == kBlockRows) {
+        for (; j < vec; j += 8) {
+          v8 a = load8(acc + j);
+          for (int64_t r = 0; r < kBlockRows; ++r) a += xs[r] * load8(w0 + r * N + j);
+          store8(acc + j, a);
+        }
+      }
+      for (; j < N; ++j) {
+        float a = acc[j];
+        for (int64_t r = 0; r < rows; ++r) a += xs[r] * w0[r * N + j];
+        acc[j] = a;
+      }
+    }
+  }
+}
+
+struct Job {
+  const float *x, *w;
+  int64_t M, K, N, items;
+  std::vector<float> partial;  // [items, M, N]
+  std::atomic<int64_t> next{0}, done{0};
+
+  void drain() {
+    for (int64_t it; (it = next.fetch_add(1)) < items;) {
+      rows_chunk(x, w, partial.data() + it * M * N, M, K, N, it * kChunkRows,
+                 std::min(K, (it + 1) * kChunkRows));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] > kMaxRows) {
+    return ffi::Error::InvalidArgument("small_matmul: x [M <= 8, K] and w [K, N] expected");
+  }
+  auto job = std::make_shared<Job>();
+  job->x = x.typed_data();
+  job->w = w.typed_data();
+  job->M = xd[0];
+  job->K = xd[1];
+  job->N = wd[1];
+  job->items = std::max<int64_t>(1, (job->K + kChunkRows - 1) / kChunkRows);
+  job->partial.resize(job->items * job->M * job->N);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t i = 0; i < std::min(threads, job->items) - 1; ++i) pool.Schedule([job] { job->drain(); });
+  job->drain();
+  while (job->done.load(std::memory_order_acquire) < job->items) std::this_thread::yield();
+  // The chunks' partial sums, added in chunk order: the same result whichever thread ran which.
+  float* o = out->typed_data();
+  const int64_t size = job->M * job->N;
+  std::memcpy(o, job->partial.data(), size * sizeof(float));
+  for (int64_t it = 1; it < job->items; ++it) {
+    const float* p = job->partial.data() + it * size;
+    for (int64_t i = 0; i < size; ++i) o[i] += p[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(R1jaxSmallMatmul, SmallMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [K, N]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
