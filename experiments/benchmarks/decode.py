@@ -38,55 +38,63 @@ in, is most of what a step streams. At batch 4 XLA:CPU also compiles the step wi
 cache copies (checked in the optimized HLO); at batch 1 it turns the attention dots into
 unbatched ones with a transposed operand and copies each layer's cache several times a step
 (both forms), which inflates the naive side 8x more (see batch 1 below). Larger batches route
-to more experts, and the MoE layers' per-expert weight copies take over.
+to more experts, whose weights every step reads.
 
 Layers unrolled: a scanned stack (nn.scan over the "cache" collection) slices each layer's
 cache out of the stack and stacks the updated one back every step, copying the whole cache
 (both forms), 3.8x slower for the absorbed form below. `Generator` decodes with the config's
 scan_layers (True by default), so its steps pay this.
 
-Measured on 2026-11-24 on the 2-core CPU VM (jax 0.10.2), otherwise idle, defaults, after the
-MoE layers' decode-size pair loop (r1jax.layers.experts) replaced the grouped matmuls there:
-  context  512: absorbed 14.24 ms/step 280.9 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
-                naive    14.34 ms/step 279.0 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
-  context 4096: absorbed 25.25 ms/step 158.4 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
-                naive    29.52 ms/step 135.5 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
-  absorbed/naive tokens/s at 4096: 1.17
-Other settings, same day, at 4096 (absorbed / naive ms per step, tokens/s ratio):
+C++ kernels (ModelConfig.cpu_kernels, on by default; --nocpu_kernels runs XLA's ops only): on
+XLA:CPU a decode step runs three kernels of r1jax/cpu_kernels, XLA FFI handlers compiled on
+first use: the absorbed attention core (latent_attention.cc: scores, masked online softmax and
+values in one pass over each block of keys for all heads, rows and key chunks over XLA's
+intra-op threads), the routed experts at decode sizes (routed_experts.cc: each used expert's
+weights streamed once) and every decode-size weight product (small_matmul.cc: projections,
+MLPs, LM head). The naive form uses the last two as well, so the comparison stays one of caches.
+
+Measured on 2026-11-25 on the 2-core CPU VM (jax 0.10.2), defaults, one run each way:
+  kernels on:
+  context  512: absorbed 11.11 ms/step 360.0 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
+                naive    12.64 ms/step 316.5 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+  context 4096: absorbed 16.22 ms/step 246.6 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+                naive    26.66 ms/step 150.0 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
+  absorbed/naive tokens/s at 4096: 1.64
+  --nocpu_kernels: 512: absorbed 16.60, naive 16.77 ms/step; 4096: absorbed 25.11, naive 30.58
+  ms/step, 1.22 (1.17 on 2026-11-24, before the kernels).
+  Kernels on, other batches at 4096 (absorbed / naive ms per step, ratio): --batch=8 24.13 /
+  41.72, 1.73; --batch=16 42.79 / 73.02, 1.71.
+Where the absorbed step goes with the kernels (jax.profiler, 4096 tokens, batch 4): the four
+attention cores ~1.3-1.6 ms each, the three routed-expert layers ~1.3-1.5 ms each (~31 MiB of
+expert weights a layer: ~22 GB/s, the memory's rate), the LM head 1.1 ms (16 MiB), the rest
+(projections, norms, router, the dense layer's MLP) ~3 ms. The naive form's attention reads its
+80 MiB a layer in ~4 ms.
+
+So the absorbed cache is 8x smaller (exactly as predicted) and its step 1.64x faster at 4096,
+not the 2x asked. What is left is arithmetic: the absorbed core does 8 heads x (128 + 32 + 128)
+multiply-adds per cached latent (302 MFLOP a step over 4 layers at batch 4 x 4096), where the
+naive form only streams; the kernel runs them at ~30% of the FMA peak (~1.1 ms a layer in
+isolation on both cores, ~2.1 ms on one), against ~0.5 ms a layer to read the latent at ~20
+GB/s. 2x needs the core at that memory floor with the rest of the step unchanged:
+(F + N) / (F + A) >= 2 with F ~10 ms (shared), N ~16 ms (naive attention) means A <= ~3 ms for
+four layers, against ~5.6 now.
+
+Earlier settings, without the kernels (2026-11-24 and 25, at 4096, absorbed / naive ms per
+step, tokens/s ratio):
   --batch=1: 17.1 / 59.1, 3.46: at batch 1 XLA:CPU transposes each layer's cache for the
     attention products (a copy per layer and step, in the optimized HLO), 8x more for naive.
   --batch=8: 34.4 / 44.4, 1.29.
-  Before the pair loop (load ~4): batch 4 69.9 / 79.2 ms (1.13), --scan_layers 263.6 / 620.0
+  Before the MoE pair loop (load ~4): batch 4 69.9 / 79.2 ms (1.13), --scan_layers 263.6 / 620.0
   (2.35: the scan's cache copies), the naive cache laid out [b, T, h, d] as DeepSeek's 82.9 /
   268.2 (3.24: XLA:CPU transposes the whole key and value caches every step).
-
-So the absorbed cache is 8x smaller (exactly as predicted) but only ~1.2x faster per step at
-batch 4, where neither form copies its cache. A profile of the step (jax.profiler, 4096 tokens)
-puts an absorbed MLA layer at ~3.6 ms: the scores product `bshc,btc->bsht` 1.8 ms and the RoPE
-scores 1.0 ms, though they read 8 and 2 MiB, against 0.8 ms for the values product
-`bsht,btc->bshc` over the same 8 MiB. The 8 heads make the scores a skinny matrix product
-against the transposed latent, which XLA:CPU's dot kernels run at ~4.5 GB/s, while the naive
-form's per-head products (one query row each) stream its 80 MiB per layer at ~18 GB/s. Other
-orders of the einsums (latent-major scores, one [c + r] array, bth outputs) measured the same
-or slower in a micro-benchmark with the caches out of L3. The rest of the step (~12 ms: MoE,
-head, projections) is the same for both forms; before the pair loop it was ~50 ms.
-
-Tried on 2026-11-25, same VM, at 4096 (absorbed / naive ms per step, ratio), none adopted:
   XLA:CPU's dot libraries, by XLA_FLAGS: the default (YNNPACK dots) 25.82 / 30.95, 1.20;
     --xla_cpu_experimental_ynn_fusion_type= (Eigen) 33.36 / 32.12, 0.96; --xla_cpu_use_onednn
     19.88 / 22.98, 1.16; Eigen + --xla_cpu_experimental_xnn_fusion_type=dot 23.61 / 23.87,
-    1.01; YNNPACK for dots, elementwise and reductions 25.51 / 29.24, 1.15. Some speed both
-    forms up; none speeds the absorbed scores more than the naive form's streaming.
-  The scores `bshc,btc->bsht` alone (8 MiB latent out of cache): 2.0 ms; the latent split into
+    1.01; YNNPACK for dots, elementwise and reductions 25.51 / 29.24, 1.15.
+  XLA's scores `bshc,btc->bsht` alone (8 MiB latent out of cache): 2.0 ms; the latent split into
     16 or 64 blocks of keys 1.6 ms; one vector product per head 2.8 ms; latent-major 2.0 ms; a
-    multiply-and-sum 59 ms. The whole absorbed core with latent and RoPE key as one [c + r]
-    array: 3.9 against 3.7 ms.
-  The MoE pair loop in expert order (pairs sharing an expert back to back): 11.5 against 11.4
-    ms for three layers at 4 tokens (21 distinct experts of 24 pairs).
-So 2x at 4096 (the absorbed step <= ~14.8 ms with the naive one at ~29.5) needs the absorbed
-attention near the memory bandwidth the naive form streams at (~18 GB/s: ~2.3 ms for 4 layers
-against ~12.6 now) with the rest of the step unchanged: a fused decode-attention kernel, which
-XLA:CPU's dot kernels do not provide.
+    multiply-and-sum 59 ms. The 8 heads make the scores a skinny product against the
+    transposed latent, which XLA:CPU's dot kernels ran at ~4.5 GB/s: the reason for the kernel.
 """
 
 from __future__ import annotations

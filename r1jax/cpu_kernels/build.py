@@ -1,10 +1,11 @@
 """Builds r1jax's C++ kernels for XLA:CPU and registers them as XLA FFI targets, once per machine.
 
-Each kernel is one C++ source beside this file defining an XLA FFI handler symbol. On first use
-it is compiled with the system's C++ compiler ($CXX, else `c++`) against the FFI headers jaxlib
-ships (`jax.ffi.include_dir()`), with -O3 -march=native, into a cache directory
-($R1JAX_KERNEL_CACHE, else ~/.cache/r1jax/kernels). The library's name is a hash of the source,
-the command, jaxlib's version and the CPU's model and flags: -march=native code runs only on the
+Each kernel is one C++ source beside this file defining an XLA FFI handler symbol (with the
+headers beside it: parallel.h, the work loop they share). On first use it is compiled with the
+system's C++ compiler ($CXX, else `c++`) against the FFI headers jaxlib ships
+(`jax.ffi.include_dir()`), with -O3 -march=native, into a cache directory ($R1JAX_KERNEL_CACHE,
+else ~/.cache/r1jax/kernels). The library's name is a hash of the source and the headers, the
+command, jaxlib's version and the CPU's model and flags: -march=native code runs only on the
 kind of CPU it was built on, and a shared home directory may serve several kinds. Concurrent
 builds (pytest workers) write temporary files and rename them into place.
 
@@ -53,8 +54,10 @@ def _cpu_identity() -> str:
 
 def _library_path(source: pathlib.Path, command: list[str]) -> pathlib.Path:
   key = hashlib.sha256()
-  for part in (source.read_bytes(), " ".join(command).encode(), jaxlib.__version__.encode()):
+  headers = [h.read_bytes() for h in sorted(_SOURCES.glob("*.h"))]  # what the sources include
+  for part in (source.read_bytes(), *headers, " ".join(command).encode()):
     key.update(part)
+  key.update(jaxlib.__version__.encode())
   key.update(_cpu_identity().encode())
   return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 

@@ -17,14 +17,12 @@
 // results (max, sum, unnormalised output) are merged at the end.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX__)
@@ -124,6 +122,19 @@ inline int64_t quad_index(int64_t head, int64_t key) {
   return ((head / 2) * kQuads + key / 4) * 8 + (head % 2) * 4 + key % 4;
 }
 
+// a[4 hh + kk] += q[hh, j:j+8] * keys[kk][j:j+8] over j < dim (8-wide partial dot products of
+// 2 queries, rows of q `dim` apart, with 4 keys).
+inline void accumulate_products(const float* q, const float* const* keys, int64_t dim, v8* a) {
+  for (int64_t j = 0; j < dim; j += 8) {
+    v8 x[4];
+    for (int kk = 0; kk < 4; ++kk) x[kk] = in_register(load8(keys[kk] + j));
+    for (int hh = 0; hh < 2; ++hh) {
+      const v8 qv = in_register(load8(q + hh * dim + j));
+      for (int kk = 0; kk < 4; ++kk) a[4 * hh + kk] += qv * x[kk];
+    }
+  }
+}
+
 // Scores (unscaled, unmasked) of keys [tb, tb + n) for heads 2g, 2g + 1, in quad layout. A short
 // last quad repeats its last key (valid memory; the softmax gives those lanes weight 0).
 void score_tile(const Dims& d, const float* q, const float* qr, const float* lat,
@@ -144,22 +155,8 @@ void score_tile(const Dims& d, const float* q, const float* qr, const float* lat
       for (int64_t j = 0; j < 4 * R; j += 16) __builtin_prefetch(r[0] + kPrefetch * R + j);
     }
     v8 a[8] = {};  // a[4 * hh + kk]
-    for (int64_t j = 0; j < C; j += 8) {
-      v8 x[4];
-      for (int kk = 0; kk < 4; ++kk) x[kk] = in_register(load8(k[kk] + j));
-      for (int hh = 0; hh < 2; ++hh) {
-        const v8 qv = in_register(load8(q0 + hh * C + j));
-        for (int kk = 0; kk < 4; ++kk) a[4 * hh + kk] += qv * x[kk];
-      }
-    }
-    for (int64_t j = 0; j < R; j += 8) {
-      v8 x[4];
-      for (int kk = 0; kk < 4; ++kk) x[kk] = in_register(load8(r[kk] + j));
-      for (int hh = 0; hh < 2; ++hh) {
-        const v8 qv = in_register(load8(qr0 + hh * R + j));
-        for (int kk = 0; kk < 4; ++kk) a[4 * hh + kk] += qv * x[kk];
-      }
-    }
+    accumulate_products(q0, k, C, a);
+    accumulate_products(qr0, r, R, a);
     store8(scores + (g * kQuads + k4) * 8, hsum8(a));
   }
 }
@@ -271,51 +268,30 @@ void attend_chunk(const Dims& d, const float* q, const float* qr, const float* l
   }
 }
 
-// The work shared with the helper tasks. They may start after the handler returned (and then
-// find no item left), so a shared_ptr owns it, never the handler's stack frame.
-struct Job {
-  Dims d;
-  int64_t chunks, chunk, items;
-  const float *q, *qr, *lat, *kpe;
-  const bool* mask;
-  std::vector<float> m, l, acc;  // per item: [H], [H], [H, C]
-  std::atomic<int64_t> next{0}, done{0};
-
-  void drain() {
-    const int64_t HC = d.H * d.C;
-    for (int64_t it; (it = next.fetch_add(1)) < items;) {
-      const int64_t row = it / chunks, c = it % chunks, b = row / d.S;
-      const int64_t t0 = c * chunk, t1 = std::min(d.T, t0 + chunk);
-      attend_chunk(d, q + row * HC, qr + row * d.H * d.R, lat + b * d.T * d.C,
-                   kpe + b * d.T * d.R, mask + row * d.T, t0, t1, m.data() + it * d.H,
-                   l.data() + it * d.H, acc.data() + it * HC);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  // out[row, h, :] from the chunks' partial results.
-  void merge(float* out) const {
-    const int64_t HC = d.H * d.C;
-    for (int64_t row = 0; row < d.B * d.S; ++row) {
-      for (int64_t h = 0; h < d.H; ++h) {
-        float mx = kNegInf;
-        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, m[(row * chunks + c) * d.H + h]);
-        float total = 0.f;
-        float* dst = out + row * HC + h * d.C;
-        std::fill(dst, dst + d.C, 0.f);
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t it = row * chunks + c;
-          const float w = std::exp(m[it * d.H + h] - mx);
-          total += l[it * d.H + h] * w;
-          const float* src = acc.data() + it * HC + h * d.C;
-          for (int64_t j = 0; j < d.C; ++j) dst[j] += w * src[j];
-        }
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < d.C; ++j) dst[j] *= inv;
+// out[row, h, :] from the chunks' partial results (max m, sum l, unnormalised acc per item),
+// merged in chunk order.
+void merge(const Dims& d, int64_t chunks, const std::vector<float>& m, const std::vector<float>& l,
+           const std::vector<float>& acc, float* out) {
+  const int64_t HC = d.H * d.C;
+  for (int64_t row = 0; row < d.B * d.S; ++row) {
+    for (int64_t h = 0; h < d.H; ++h) {
+      float mx = kNegInf;
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, m[(row * chunks + c) * d.H + h]);
+      float total = 0.f;
+      float* dst = out + row * HC + h * d.C;
+      std::fill(dst, dst + d.C, 0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t it = row * chunks + c;
+        const float w = std::exp(m[it * d.H + h] - mx);
+        total += l[it * d.H + h] * w;
+        const float* src = acc.data() + it * HC + h * d.C;
+        for (int64_t j = 0; j < d.C; ++j) dst[j] += w * src[j];
       }
+      const float inv = 1.f / total;
+      for (int64_t j = 0; j < d.C; ++j) dst[j] *= inv;
     }
   }
-};
+}
 
 ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> qr, ffi::Buffer<ffi::F32> lat,
@@ -326,7 +302,7 @@ ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (qd.size() != 4 || rd.size() != 4 || ld.size() != 3 || kd.size() != 3 || md.size() != 3) {
     return ffi::Error::InvalidArgument("latent_attention: operand ranks must be 4, 4, 3, 3, 3");
   }
-  Dims d{qd[0], qd[1], qd[2], qd[3], rd[3], ld[1], scale};
+  const Dims d{qd[0], qd[1], qd[2], qd[3], rd[3], ld[1], scale};
   if (d.H % kHeads || d.C % 16 || d.R % 8 || rd[0] != d.B || rd[1] != d.S || rd[2] != d.H ||
       ld[0] != d.B || ld[2] != d.C || kd[0] != d.B || kd[1] != d.T || kd[2] != d.R ||
       md[0] != d.B || md[1] != d.S || md[2] != d.T) {
@@ -334,31 +310,26 @@ ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         "latent_attention: shapes must be q [b,s,h,c], q_rope [b,s,h,r], latent [b,t,c], "
         "rope_key [b,t,r], mask [b,s,t] with h % 4 == 0, c % 16 == 0, r % 8 == 0");
   }
-  auto job = std::make_shared<Job>();
-  job->d = d;
-  const int64_t rows = d.B * d.S;
+  const int64_t rows = d.B * d.S, HC = d.H * d.C;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // Enough chunks that every thread gets two items, each at least kMinChunk keys.
-  int64_t chunks = std::max<int64_t>(1, (2 * threads + rows - 1) / rows);
-  int64_t chunk = std::max(kMinChunk, (d.T + chunks - 1) / chunks);
+  // Enough chunks of keys that every thread gets two items, each at least kMinChunk keys.
+  const int64_t wanted = std::max<int64_t>(1, (2 * threads + rows - 1) / rows);
+  int64_t chunk = std::max(kMinChunk, (d.T + wanted - 1) / wanted);
   chunk = (chunk + kBlock - 1) / kBlock * kBlock;
-  job->chunks = std::max<int64_t>(1, (d.T + chunk - 1) / chunk);
-  job->chunk = chunk;
-  job->items = rows * job->chunks;
-  job->q = q.typed_data();
-  job->qr = qr.typed_data();
-  job->lat = lat.typed_data();
-  job->kpe = kpe.typed_data();
-  job->mask = mask.typed_data();
-  job->m.resize(job->items * d.H);
-  job->l.resize(job->items * d.H);
-  job->acc.resize(job->items * d.H * d.C);
-  const int64_t helpers = std::min(threads, job->items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->drain(); });
-  job->drain();
-  // Only items already claimed are waited for: those run on threads that are working.
-  while (job->done.load(std::memory_order_acquire) < job->items) std::this_thread::yield();
-  job->merge(out->typed_data());
+  const int64_t chunks = std::max<int64_t>(1, (d.T + chunk - 1) / chunk);
+  const int64_t items = rows * chunks;
+  std::vector<float> m(items * d.H), l(items * d.H), acc(items * HC);
+  const float *qp = q.typed_data(), *qrp = qr.typed_data(), *latp = lat.typed_data(),
+              *kpep = kpe.typed_data();
+  const bool* maskp = mask.typed_data();
+  r1jax::parallel_for(pool, items, [&](int64_t it) {
+    const int64_t row = it / chunks, c = it % chunks, b = row / d.S;
+    const int64_t t0 = c * chunk, t1 = std::min(d.T, t0 + chunk);
+    attend_chunk(d, qp + row * HC, qrp + row * d.H * d.R, latp + b * d.T * d.C,
+                 kpep + b * d.T * d.R, maskp + row * d.T, t0, t1, m.data() + it * d.H,
+                 l.data() + it * d.H, acc.data() + it * HC);
+  });
+  merge(d, chunks, m, l, acc, out->typed_data());
   return ffi::Error::Success();
 }
 

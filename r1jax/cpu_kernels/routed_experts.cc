@@ -15,14 +15,12 @@
 // does not depend on which thread ran which expert.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -47,13 +45,13 @@ void rows_times_matrix(const float* in, int64_t in_stride, int64_t n, const floa
   }
 }
 
-struct Job {
+// The pairs grouped by expert, and what each group reads and writes (one work item per group).
+struct ExpertGroups {
   int64_t T, K, D, F, E;
   const float *x, *weights, *wi, *wo;
   std::vector<int64_t> order, start;  // pairs grouped by expert: order[start[g] : start[g + 1]]
   std::vector<int32_t> group_expert;
   std::vector<float> pair_out;  // [T * K, D]
-  std::atomic<int64_t> next{0}, done{0};
 
   void run_group(int64_t g) {
     const int64_t* pairs = order.data() + start[g];
@@ -75,14 +73,6 @@ struct Job {
       for (int64_t j = 0; j < D; ++j) dst[j] = w * y[i * D + j];
     }
   }
-
-  void drain() {
-    const int64_t groups = static_cast<int64_t>(group_expert.size());
-    for (int64_t g; (g = next.fetch_add(1)) < groups;) {
-      run_group(g);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
 ffi::Error RoutedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -94,51 +84,48 @@ ffi::Error RoutedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (xd.size() != 2 || wd.size() != 2 || ed.size() != 2 || id.size() != 3 || od.size() != 3) {
     return ffi::Error::InvalidArgument("routed_experts: operand ranks must be 2, 2, 2, 3, 3");
   }
-  auto job = std::make_shared<Job>();
-  job->T = xd[0];
-  job->D = xd[1];
-  job->K = ed[1];
-  job->E = od[0];
-  job->F = od[1];
-  if (wd[0] != job->T || wd[1] != job->K || ed[0] != job->T || id[0] != job->E ||
-      id[1] != job->D || id[2] != 2 * job->F || od[2] != job->D) {
+  ExpertGroups work;
+  work.T = xd[0];
+  work.D = xd[1];
+  work.K = ed[1];
+  work.E = od[0];
+  work.F = od[1];
+  if (wd[0] != work.T || wd[1] != work.K || ed[0] != work.T || id[0] != work.E ||
+      id[1] != work.D || id[2] != 2 * work.F || od[2] != work.D) {
     return ffi::Error::InvalidArgument(
         "routed_experts: shapes must be x [T,D], weights and experts [T,K], wi [E,D,2F], "
         "wo [E,F,D]");
   }
-  job->x = x.typed_data();
-  job->weights = weights.typed_data();
-  job->wi = wi.typed_data();
-  job->wo = wo.typed_data();
+  work.x = x.typed_data();
+  work.weights = weights.typed_data();
+  work.wi = wi.typed_data();
+  work.wo = wo.typed_data();
   const int32_t* ids = experts.typed_data();
-  const int64_t pairs = job->T * job->K;
+  const int64_t pairs = work.T * work.K;
   // Group the pairs by expert (stable: a group's pairs in (t, k) order); ids >= E are skipped.
   for (int64_t p = 0; p < pairs; ++p) {
-    if (ids[p] >= 0 && ids[p] < job->E) job->order.push_back(p);
+    if (ids[p] >= 0 && ids[p] < work.E) work.order.push_back(p);
   }
-  std::stable_sort(job->order.begin(), job->order.end(),
+  std::stable_sort(work.order.begin(), work.order.end(),
                    [ids](int64_t a, int64_t b) { return ids[a] < ids[b]; });
-  for (int64_t i = 0; i < static_cast<int64_t>(job->order.size()); ++i) {
-    if (i == 0 || ids[job->order[i]] != ids[job->order[i - 1]]) {
-      job->start.push_back(i);
-      job->group_expert.push_back(ids[job->order[i]]);
+  for (int64_t i = 0; i < static_cast<int64_t>(work.order.size()); ++i) {
+    if (i == 0 || ids[work.order[i]] != ids[work.order[i - 1]]) {
+      work.start.push_back(i);
+      work.group_expert.push_back(ids[work.order[i]]);
     }
   }
-  job->start.push_back(static_cast<int64_t>(job->order.size()));
-  job->pair_out.assign(pairs * job->D, 0.f);
-  const int64_t groups = static_cast<int64_t>(job->group_expert.size());
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t i = 0; i < std::min(threads, groups) - 1; ++i) pool.Schedule([job] { job->drain(); });
-  job->drain();
-  while (job->done.load(std::memory_order_acquire) < groups) std::this_thread::yield();
+  work.start.push_back(static_cast<int64_t>(work.order.size()));
+  work.pair_out.assign(pairs * work.D, 0.f);
+  const int64_t groups = static_cast<int64_t>(work.group_expert.size());
+  r1jax::parallel_for(pool, groups, [&](int64_t g) { work.run_group(g); });
   float* o = out->typed_data();
-  std::fill(o, o + job->T * job->D, 0.f);
-  for (int64_t t = 0; t < job->T; ++t) {
-    for (int64_t k = 0; k < job->K; ++k) {
-      const int32_t e = ids[t * job->K + k];
-      if (e < 0 || e >= job->E) continue;
-      const float* src = job->pair_out.data() + (t * job->K + k) * job->D;
-      for (int64_t j = 0; j < job->D; ++j) o[t * job->D + j] += src[j];
+  std::fill(o, o + work.T * work.D, 0.f);
+  for (int64_t t = 0; t < work.T; ++t) {
+    for (int64_t k = 0; k < work.K; ++k) {
+      const int32_t e = ids[t * work.K + k];
+      if (e < 0 || e >= work.E) continue;
+      const float* src = work.pair_out.data() + (t * work.K + k) * work.D;
+      for (int64_t j = 0; j < work.D; ++j) o[t * work.D + j] += src[j];
     }
   }
   return ffi::Error::Success();

@@ -24,7 +24,10 @@ step routes a few tokens) skip the sort and the grouped matmuls: a loop over the
 one vector-matrix product per pair against its expert's weights, read in place. On the 2-core
 CPU VM (`small`'s experts, E 64, D 512, F 256, K 6; 2026-11-24) a layer's routed experts took
 2.7 against 7.3 ms at 4 tokens, 4.5 against 14.3 at 8, and 9.0 against 33 at 16: the grouped
-loops copy each used expert's weights before a matmul of one or two rows.
+loops copy each used expert's weights before a matmul of one or two rows. The pair loop still
+copies each pair's expert weights out of the stack; with `cpu_kernel` (the MoE layer passes
+`ModelConfig.cpu_kernels`) XLA:CPU runs `r1jax.cpu_kernels.routed_experts` instead, which
+streams each used expert's weights once (~1.4 ms a layer at 4 tokens, 2026-11-25).
 """
 
 from __future__ import annotations
