@@ -55,8 +55,9 @@ class ModelConfig:
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
   decode_cache: str = "absorbed"  # one of DECODE_CACHES; the same model either way
-  # Decode steps on XLA:CPU run r1jax's C++ kernels (r1jax/cpu_kernels) where they apply; False:
-  # XLA's ops only. The same results either way (float32 rounding aside).
+  # Decode-size work (a few rows: decode steps) on XLA:CPU runs r1jax's C++ kernels
+  # (r1jax/cpu_kernels) where they apply; False: XLA's ops only. The same results either way
+  # (float32 rounding aside).
   cpu_kernels: bool = True
 
   # --- DeepSeekMoE. Routed experts are selected per token by the gate; shared experts see every
