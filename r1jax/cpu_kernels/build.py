@@ -1,7 +1,8 @@
 """Builds r1jax's C++ kernels for XLA:CPU and registers them as XLA FFI targets, once per machine.
 
 Each kernel is one C++ source beside this file defining an XLA FFI handler symbol (with the
-headers beside it: parallel.h, the work loop they share). On first use it is compiled with the
+headers beside it, what they share: parallel.h the work loop, vec8.h the vector type,
+stream_rows.h the weight-streaming product). On first use it is compiled with the
 system's C++ compiler ($CXX, else `c++`) against the FFI headers jaxlib ships
 (`jax.ffi.include_dir()`), with -O3 -march=native, into a cache directory ($R1JAX_KERNEL_CACHE,
 else ~/.cache/r1jax/kernels). The library's name is a hash of the source and the headers, the

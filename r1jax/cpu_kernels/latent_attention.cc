@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec8.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX__)
@@ -33,21 +34,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+using r1jax::load8;
+using r1jax::store8;
+using r1jax::v8;
+using r1jax::v8i;
 
 constexpr int64_t kBlock = 32;      // keys per online-softmax block: a block's latent fits in L1
 constexpr int64_t kHeads = 4;       // heads per register tile
-constexpr float kNegInf = -1e30f;   // as r1jax/layers/mla.py's _NEG_INF
+constexpr float kNegInf = -1e30f;   // as r1jax.layers.common.NEG_INF
 constexpr int64_t kMinChunk = 256;  // keys per work item at least
 constexpr int64_t kPrefetch = 64;  // keys ahead: software prefetch, 2x faster out of cache
 
-inline v8 load8(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // Keeps v in a register: without it GCC folds each use of a loaded key into its FMA as a memory
 // operand, loading it once per head, and the tiles become bound by loads instead of FMAs.

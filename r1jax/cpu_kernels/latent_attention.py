@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.cpu_kernels import build
+from r1jax.layers.common import masked_softmax
 
-_NEG_INF = -1e30  # as r1jax.layers.mla: finite, so a fully masked row gets a uniform softmax
 _TARGET = "r1jax_latent_attention"
 # Query rows per batch row up to which the kernel runs (decode, speculative verification);
 # longer chunks (prefill) are real matrix products, where XLA's dots do well.
@@ -47,8 +47,7 @@ def latent_attention_reference(q_latent, q_rope, latent, rope_key, mask, scale: 
   """
   scores = jnp.einsum("bshc,btc->bsht", q_latent, latent)
   scores += jnp.einsum("bshr,btr->bsht", q_rope, rope_key)
-  scores = jnp.where(mask[:, :, None, :], (scores * scale).astype(jnp.float32), _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(latent.dtype)
+  probs = masked_softmax(scores * scale, mask).astype(latent.dtype)
   return jnp.einsum("bsht,btc->bshc", probs, latent)
 
 

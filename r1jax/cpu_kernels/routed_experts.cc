@@ -21,29 +21,12 @@
 #include <vector>
 
 #include "parallel.h"
+#include "stream_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-constexpr int64_t kPrefetchRows = 4;  // weight rows fetched ahead of the one being read
-
-// acc[i, :] += in[i, r] * w[r, :] for rows r < n_in and the n tokens i: w [n_in, n_out] streamed
-// once, in order.
-void rows_times_matrix(const float* in, int64_t in_stride, int64_t n, const float* w, int64_t n_in,
-                       int64_t n_out, float* acc) {
-  for (int64_t r = 0; r < n_in; ++r) {
-    const float* row = w + r * n_out;
-    for (int64_t j = 0; j < n_out; j += 16) __builtin_prefetch(row + kPrefetchRows * n_out + j);
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = in[i * in_stride + r];
-      float* dst = acc + i * n_out;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < n_out; ++j) dst[j] += x * row[j];
-    }
-  }
-}
 
 // The pairs grouped by expert, and what each group reads and writes (one work item per group).
 struct ExpertGroups {
@@ -57,16 +40,16 @@ struct ExpertGroups {
     const int64_t* pairs = order.data() + start[g];
     const int64_t n = start[g + 1] - start[g];
     const int64_t e = group_expert[g];
-    std::vector<float> xs(n * D), h(n * 2 * F, 0.f), a(n * F), y(n * D, 0.f);
+    std::vector<float> xs(n * D), h(n * 2 * F), a(n * F), y(n * D);
     for (int64_t i = 0; i < n; ++i) std::memcpy(&xs[i * D], x + (pairs[i] / K) * D, D * sizeof(float));
-    rows_times_matrix(xs.data(), D, n, wi + e * D * 2 * F, D, 2 * F, h.data());
+    r1jax::stream_rows(xs.data(), wi + e * D * 2 * F, h.data(), n, D, 2 * F, 0, D);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < F; ++j) {
         const float gate = h[i * 2 * F + j];
         a[i * F + j] = gate / (1.f + std::exp(-gate)) * h[i * 2 * F + F + j];
       }
     }
-    rows_times_matrix(a.data(), F, n, wo + e * F * D, F, D, y.data());
+    r1jax::stream_rows(a.data(), wo + e * F * D, y.data(), n, F, D, 0, F);
     for (int64_t i = 0; i < n; ++i) {
       const float w = weights[pairs[i]];
       float* dst = pair_out.data() + pairs[i] * D;

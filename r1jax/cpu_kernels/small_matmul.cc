@@ -5,7 +5,7 @@
 // kernels stream a decode step's weights at 5-9 GB/s on the 2-core VM (the `small` LM head,
 // [4, 512] x [512, 8192]: 1.9 ms) where the memory gives ~20. Here the rows of w are split into
 // chunks of kChunkRows, one work item each over XLA's intra-op threads; an item streams its rows
-// once, contiguously, kBlockRows at a time against its own [M, N] partial sums (1.1 ms for the
+// once, contiguously (stream_rows.h), against its own [M, N] partial sums (1.1 ms for the
 // head). The partial sums are added in chunk order: deterministic whichever thread ran which.
 
 #include <algorithm>
@@ -14,55 +14,15 @@
 #include <vector>
 
 #include "parallel.h"
+#include "stream_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
-
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kChunkRows = 128;  // rows of w per work item
-constexpr int64_t kBlockRows = 4;    // rows of w per pass over the item's accumulators
-
-inline v8 load8(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// partial[m, :] = sum over k in [k0, k1), in order, of x[m, k] * w[k, :]: the rows of w stream
-// through once, contiguously, kBlockRows at a time against the accumulators (L2-resident).
-void rows_chunk(const float* x, const float* w, float* partial, int64_t M, int64_t K, int64_t N,
-                int64_t k0, int64_t k1) {
-  const int64_t vec = N / 8 * 8;
-  std::fill(partial, partial + M * N, 0.f);
-  for (int64_t k = k0; k < k1; k += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, k1 - k);
-    const float* w0 = w + k * N;
-    for (int64_t j = 0; j < N; j += 16) __builtin_prefetch(w0 + 2 * kBlockRows * N + j);
-    for (int64_t m = 0; m < M; ++m) {
-      float xs[kBlockRows];
-      for (int64_t r = 0; r < rows; ++r) xs[r] = x[m * K + k + r];
-      float* acc = partial + m * N;
-      int64_t j = 0;
-      if (rows == kBlockRows) {
-        for (; j < vec; j += 8) {
-          v8 a = load8(acc + j);
-          for (int64_t r = 0; r < kBlockRows; ++r) a += xs[r] * load8(w0 + r * N + j);
-          store8(acc + j, a);
-        }
-      }
-      for (; j < N; ++j) {
-        float a = acc[j];
-        for (int64_t r = 0; r < rows; ++r) a += xs[r] * w0[r * N + j];
-        acc[j] = a;
-      }
-    }
-  }
-}
 
 ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> out) {
@@ -75,8 +35,8 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   std::vector<float> partial(items * M * N);  // [items, M, N]
   const float *xp = x.typed_data(), *wp = w.typed_data();
   r1jax::parallel_for(pool, items, [&](int64_t it) {
-    rows_chunk(xp, wp, partial.data() + it * M * N, M, K, N, it * kChunkRows,
-               std::min(K, (it + 1) * kChunkRows));
+    r1jax::stream_rows(xp, wp, partial.data() + it * M * N, M, K, N, it * kChunkRows,
+                       std::min(K, (it + 1) * kChunkRows));
   });
   // The chunks' partial sums, added in chunk order: the same result whichever thread ran which.
   float* o = out->typed_data();

@@ -8,7 +8,10 @@ The logical axis vocabulary (mapped to mesh axes by `r1jax.sharding`, never by a
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+NEG_INF = -1e30  # Masked attention scores: finite, so fully masked rows give a uniform softmax.
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -23,3 +26,9 @@ def kernel_param(module: nn.Module, name: str, shape, axes, cfg):
   return module.param(
     name, nn.with_logical_partitioning(init, axes), shape, dtype_of(cfg.param_dtype)
   )
+
+
+def masked_softmax(scores, mask):
+  """Softmax over t in float32. scores [b, s, h, t], mask [b, s, t]."""
+  scores = jnp.where(mask[:, :, None, :], scores.astype(jnp.float32), NEG_INF)
+  return jax.nn.softmax(scores, axis=-1)

@@ -42,11 +42,9 @@ import jax.numpy as jnp
 from r1jax.config import ModelConfig
 from r1jax.cpu_kernels.latent_attention import latent_attention
 from r1jax.cpu_kernels.small_matmul import small_matmul
-from r1jax.layers.common import dtype_of, kernel_param
+from r1jax.layers.common import NEG_INF, dtype_of, kernel_param, masked_softmax
 from r1jax.layers.norm import RMSNorm
 from r1jax.layers.rope import apply_rope, softmax_scale
-
-_NEG_INF = -1e30  # Finite, so fully masked rows give a uniform softmax instead of NaN.
 
 
 def attention_mask(
@@ -64,12 +62,6 @@ def attention_mask(
   return mask
 
 
-def masked_softmax(scores, mask):
-  """Softmax over t in float32. scores [b, s, h, t], mask [b, s, t]."""
-  scores = jnp.where(mask[:, :, None, :], scores.astype(jnp.float32), _NEG_INF)
-  return jax.nn.softmax(scores, axis=-1)
-
-
 # ------------------------------------------------------------------ naive attention core
 #
 # Measured on the `small` preset (2-core CPU, b=4, s=512, h=8): the [b, h, s, t] score tensors
@@ -83,7 +75,7 @@ ATTEND_BLOCK = 128  # query rows per block; measured faster than 64 and 256 at s
 
 
 def _bias(mask):
-  return jnp.where(mask, 0.0, _NEG_INF)[:, None]  # [b, 1, s, t] float32
+  return jnp.where(mask, 0.0, NEG_INF)[:, None]  # [b, 1, s, t] float32
 
 
 def _spans(s: int, t: int, block: int | None):
@@ -161,7 +153,7 @@ def attend(q, k, v, mask):
   """Masked softmax attention: q [b, h, s, d] (scaled), k [b, h, t, d], v [b, h, t, e], mask
   bool [b, s, t] -> [b, h, s, e] in v.dtype; scores and softmax in float32.
 
-  Exact for any mask: a fully masked row is uniform over all t keys (the finite _NEG_INF).
+  Exact for any mask: a fully masked row is uniform over all t keys (the finite NEG_INF).
   When the mask is lower triangular with a true diagonal (causal, packed or not, checked at run
   time: positions are traced) query blocks skip the keys after them; otherwise one block sees
   every key. A custom VJP, so that the run-time choice (lax.cond) keeps one set of residuals
