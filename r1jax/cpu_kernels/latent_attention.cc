@@ -9,8 +9,9 @@
 // Why a kernel: with 8 heads the scores are a skinny product against the transposed latent, which
 // XLA:CPU's dot kernels run far below the machine's FMA rate, and the [b, s, h, t] scores and
 // probabilities make three more passes over memory. Here each block of kBlock keys is read from
-// memory once, scored for all heads (4 heads x 2 keys of register accumulators), softmaxed online
-// (running max and sum per head) and folded into the output while it is still in L1.
+// memory once, scored for all heads (register tiles of 2 heads x 4 keys), softmaxed online
+// (running max and sum per head) and folded into the output (tiles of 4 heads x 16 latent dims)
+// while it is still in L1.
 //
 // Work items are (row (b, s), chunk of keys): a decode step's few rows are split along the keys
 // too (flash-decoding) so that every thread of XLA's intra-op pool has work; the chunks' partial
@@ -40,7 +41,7 @@ using r1jax::v8;
 using r1jax::v8i;
 
 constexpr int64_t kBlock = 32;      // keys per online-softmax block: a block's latent fits in L1
-constexpr int64_t kHeads = 4;       // heads per register tile
+constexpr int64_t kHeads = 4;       // heads per value-pass register tile
 constexpr float kNegInf = -1e30f;   // as r1jax.layers.common.NEG_INF
 constexpr int64_t kMinChunk = 256;  // keys per work item at least
 constexpr int64_t kPrefetch = 64;  // keys ahead: software prefetch, 2x faster out of cache
