@@ -10,7 +10,7 @@
 // XLA:CPU's dot kernels run far below the machine's FMA rate, and the [b, s, h, t] scores and
 // probabilities make three more passes over memory. Here each block of kBlock keys is read from
 // memory once, scored for all heads (register tiles of 2 heads x 4 keys), softmaxed online
-// (running max and sum per head) and folded into the output (tiles of 4 heads x 16 latent dims)
+// (running max and sum per head) and folded into the output (tiles of 4 heads x 24 latent dims)
 // while it is still in L1.
 //
 // Work items are (row (b, s), chunk of keys): a decode step's few rows are split along the keys
@@ -44,7 +44,7 @@ constexpr int64_t kBlock = 32;      // keys per online-softmax block: a block's 
 constexpr int64_t kHeads = 4;       // heads per value-pass register tile
 constexpr float kNegInf = -1e30f;   // as r1jax.layers.common.NEG_INF
 constexpr int64_t kMinChunk = 256;  // keys per work item at least
-constexpr int64_t kPrefetch = 64;  // keys ahead: software prefetch, 2x faster out of cache
+constexpr int64_t kPrefetch = 64;   // keys ahead: software prefetch, 2x faster out of cache
 
 
 // Keeps v in a register: without it GCC folds each use of a loaded key into its FMA as a memory
@@ -148,9 +148,15 @@ void score_tile(const Dims& d, const float* q, const float* qr, const float* lat
       k[kk] = lat + t * C;
       r[kk] = kpe + t * R;
     }
-    if (g == 0) {  // fetch the keys kPrefetch ahead while these compute
-      for (int64_t j = 0; j < 4 * C; j += 16) __builtin_prefetch(k[0] + kPrefetch * C + j);
-      for (int64_t j = 0; j < 4 * R; j += 16) __builtin_prefetch(r[0] + kPrefetch * R + j);
+    // Fetch these 4 keys' lines kPrefetch keys ahead into L2 while they compute, a share of the
+    // lines per head pair (a burst of prefetches stalls the loads behind it). Into L2, not L1:
+    // the block being scored and folded in must stay in L1.
+    const int64_t pairs = d.H / 2;
+    for (int64_t line = g; line < 4 * C / 16; line += pairs) {
+      __builtin_prefetch(k[0] + kPrefetch * C + 16 * line, 0, 2);
+    }
+    for (int64_t line = g; line < 4 * R / 16; line += pairs) {
+      __builtin_prefetch(r[0] + kPrefetch * R + 16 * line, 0, 2);
     }
     v8 a[8] = {};  // a[4 * hh + kk]
     accumulate_products(q0, k, C, a);
@@ -159,30 +165,39 @@ void score_tile(const Dims& d, const float* q, const float* qr, const float* lat
   }
 }
 
-// acc[h][:] += p[h][i] * lat[tb + i][:] for heads [h0, h0 + kHeads), p in quad layout: register
-// tile kHeads heads x 16 latent dims, over the block's keys.
+// acc[h][j:j + 8 NV] += p[h][i] * lat[tb + i][j:j + 8 NV] for heads [h0, h0 + kHeads), p in quad
+// layout: a register tile of kHeads heads x NV vectors over the block's keys. NV = 3 makes 12
+// FMA chains, 16 registers with the 3 latent vectors and the weight (AVX2 has 16): more chains
+// than FMA latency x ports (8) hide the loads, and per key 7 loads feed 12 FMAs.
+template <int NV>
 void accumulate_tile(const Dims& d, const float* lat, const float* p, int64_t tb, int64_t n,
-                     int64_t h0, float* acc) {
+                     int64_t h0, int64_t j, float* acc) {
   const int64_t C = d.C;
-  for (int64_t j = 0; j < C; j += 16) {
-    v8 a[2 * kHeads];
+  v8 a[kHeads][NV];
+  for (int64_t hh = 0; hh < kHeads; ++hh) {
+    for (int v = 0; v < NV; ++v) a[hh][v] = load8(acc + (h0 + hh) * C + j + 8 * v);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* k = lat + (tb + i) * C + j;
+    v8 x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = in_register(load8(k + 8 * v));
     for (int64_t hh = 0; hh < kHeads; ++hh) {
-      a[2 * hh] = load8(acc + (h0 + hh) * C + j);
-      a[2 * hh + 1] = load8(acc + (h0 + hh) * C + j + 8);
+      const float w = p[quad_index(h0 + hh, i)];
+      for (int v = 0; v < NV; ++v) a[hh][v] += w * x[v];
     }
-    for (int64_t i = 0; i < n; ++i) {
-      const float* k = lat + (tb + i) * C + j;
-      const v8 x0 = in_register(load8(k)), x1 = in_register(load8(k + 8));
-      for (int64_t hh = 0; hh < kHeads; ++hh) {
-        const float w = p[quad_index(h0 + hh, i)];
-        a[2 * hh] += w * x0;
-        a[2 * hh + 1] += w * x1;
-      }
-    }
-    for (int64_t hh = 0; hh < kHeads; ++hh) {
-      store8(acc + (h0 + hh) * C + j, a[2 * hh]);
-      store8(acc + (h0 + hh) * C + j + 8, a[2 * hh + 1]);
-    }
+  }
+  for (int64_t hh = 0; hh < kHeads; ++hh) {
+    for (int v = 0; v < NV; ++v) store8(acc + (h0 + hh) * C + j + 8 * v, a[hh][v]);
+  }
+}
+
+// The value pass of one block: tiles of 3 vectors per head, then 1 for the rest of C.
+void accumulate_block(const Dims& d, const float* lat, const float* p, int64_t tb, int64_t n,
+                      float* acc) {
+  for (int64_t h0 = 0; h0 < d.H; h0 += kHeads) {
+    int64_t j = 0;
+    for (; j + 24 <= d.C; j += 24) accumulate_tile<3>(d, lat, p, tb, n, h0, j, acc);
+    for (; j < d.C; j += 8) accumulate_tile<1>(d, lat, p, tb, n, h0, j, acc);
   }
 }
 
@@ -258,7 +273,7 @@ void attend_chunk(const Dims& d, const float* q, const float* qr, const float* l
     const int64_t n = std::min(kBlock, t1 - tb);
     for (int64_t g = 0; g < d.H / 2; ++g) score_tile(d, q, qr, lat, kpe, tb, n, g, scores.data());
     softmax_block(d, mask, tb, n, scores.data(), run, acc);
-    for (int64_t h0 = 0; h0 < d.H; h0 += kHeads) accumulate_tile(d, lat, scores.data(), tb, n, h0, acc);
+    accumulate_block(d, lat, scores.data(), tb, n, acc);
   }
   for (int64_t h = 0; h < d.H; ++h) {
     m[h] = run.m[h / 2][4 * (h % 2)];
