@@ -53,31 +53,37 @@ intra-op threads), the routed experts at decode sizes (routed_experts.cc: each u
 weights streamed once) and every decode-size weight product (small_matmul.cc: projections,
 MLPs, LM head). The naive form uses the last two as well, so the comparison stays one of caches.
 
-Measured on 2026-11-25 on the 2-core CPU VM (jax 0.10.2), defaults, one run each way:
-  kernels on:
-  context  512: absorbed 11.11 ms/step 360.0 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
-                naive    12.64 ms/step 316.5 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
-  context 4096: absorbed 16.22 ms/step 246.6 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
-                naive    26.66 ms/step 150.0 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
-  absorbed/naive tokens/s at 4096: 1.64
-  --nocpu_kernels: 512: absorbed 16.60, naive 16.77 ms/step; 4096: absorbed 25.11, naive 30.58
-  ms/step, 1.22 (1.17 on 2026-11-24, before the kernels).
-  Kernels on, other batches at 4096 (absorbed / naive ms per step, ratio): --batch=8 24.13 /
-  41.72, 1.73; --batch=16 42.79 / 73.02, 1.71.
-Where the absorbed step goes with the kernels (jax.profiler, 4096 tokens, batch 4): the four
-attention cores ~1.3-1.6 ms each, the three routed-expert layers ~1.3-1.5 ms each (~31 MiB of
-expert weights a layer: ~22 GB/s, the memory's rate), the LM head 1.1 ms (16 MiB), the rest
-(projections, norms, router, the dense layer's MLP) ~3 ms. The naive form's attention reads its
-80 MiB a layer in ~4 ms.
+Measured on 2026-12-07 on the 2-core CPU VM (jax 0.10.2), defaults (kernels on):
+  context  512: absorbed  6.74 ms/step 593.2 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
+                naive     7.59 ms/step 526.8 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+  context 4096: absorbed  9.36 ms/step 427.5 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+                naive    18.86 ms/step 212.1 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
+  absorbed/naive tokens/s at 4096: 2.02
+  The ratio at 4096 over that day's runs of this code: 2.02, 2.03, 2.05, 2.05, 2.07, 2.09, and
+  one 1.83 while the host was busy (absorbed 11.2 ms: the compute-bound form suffers more from a
+  neighbour than the memory-bound one). Other batches at 4096 (absorbed / naive ms per step,
+  ratio): --batch=8 16.59 / 37.31, 2.25; --batch=16 28.32 / 66.98, 2.36.
+  --nocpu_kernels (2026-11-25): 512: absorbed 16.60, naive 16.77 ms/step; 4096: absorbed 25.11,
+  naive 30.58 ms/step, 1.22 (1.17 on 2026-11-24, before the kernels).
+Where the absorbed step goes (jax.profiler, 4096 tokens, batch 4): the four attention cores
+~0.9-1.1 ms each in the step (0.78-0.88 ms alone on both cores: ~55% of the FMA peak, the
+latent read at ~12 GB/s), the three routed-expert layers ~1.0 ms each (~31 MiB of expert
+weights a layer: ~31 GB/s, the memory's rate), the LM head 0.6-0.9 ms (16 MiB), the W^UK / W^UV
+folds (XLA dots) ~0.5 ms over the layers, the rest (projections, norms, router, the dense
+layer's MLP) ~1.5 ms. The naive form's attention reads its 80 MiB a layer in ~2.3 ms.
 
-So the absorbed cache is 8x smaller (exactly as predicted) and its step 1.64x faster at 4096,
-not the 2x asked. What is left is arithmetic: the absorbed core does 8 heads x (128 + 32 + 128)
-multiply-adds per cached latent (302 MFLOP a step over 4 layers at batch 4 x 4096), where the
-naive form only streams; the kernel runs them at ~30% of the FMA peak (~1.1 ms a layer in
-isolation on both cores, ~2.1 ms on one), against ~0.5 ms a layer to read the latent at ~20
-GB/s. 2x needs the core at that memory floor with the rest of the step unchanged:
-(F + N) / (F + A) >= 2 with F ~10 ms (shared), N ~16 ms (naive attention) means A <= ~3 ms for
-four layers, against ~5.6 now.
+So the absorbed cache is 8x smaller (exactly as predicted) and its step ~2x faster at 4096
+(2.02-2.09 on a quiet machine). The absorbed core does 8 heads x (128 + 32 + 128) multiply-adds
+per cached latent (302 MFLOP a step over 4 layers at batch 4 x 4096), where the naive form only
+streams, so the margin rests on the kernel's arithmetic rate. On 2026-11-25 it was 1.64x
+(absorbed 16.22, naive 26.66 ms/step), with the core at ~30% of the FMA peak and the experts
+at ~22 GB/s. What moved it (2026-12-07; the decode logits are bitwise the same as before, on
+`tiny` and `small`): the core's software prefetch goes into L2, a few lines per head pair
+(prefetched into L1 64 keys ahead, it evicted the block being scored: 1.6x faster alone); the
+value pass folds 4 heads x 3 vectors (12 FMA chains instead of 8); `stream_rows` applies each
+loaded weight vector to every row of x, and fetches short rows' next block into L2 (the experts
+~22 -> ~31 GB/s, the head ~18 -> ~26). Tried and within noise: prefetch distances 32-128
+keys, blocks of 16-64 keys, an L1 prefetch of the next block, 8 work items per thread.
 
 Earlier settings, without the kernels (2026-11-24 and 25, at 4096, absorbed / naive ms per
 step, tokens/s ratio):

@@ -11,7 +11,7 @@ MAX_KERNEL_QUERIES), `latent_attention` runs the fused C++ kernel `latent_attent
 one pass over each key block for all heads, online softmax, the block folded into the output
 while in L1, rows and key chunks spread over XLA's intra-op threads. The reason: with few heads
 the scores are a skinny product against the transposed latent, which XLA:CPU's dot kernels run
-far below the machine's rate (on `small` at 4 x 4096 keys, 2-core VM: ~2.6 against ~1.2 ms per
+far below the machine's rate (on `small` at 4 x 4096 keys, 2-core VM: ~2.6 against ~0.85 ms per
 layer, experiments/benchmarks/decode.py). Other platforms lower the reference (the choice is
 made per lowering platform, so `jax.export(..., platforms=("tpu",))` on a CPU host is clean).
 """
