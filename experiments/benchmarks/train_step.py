@@ -82,9 +82,10 @@ Two runs of --vs-hf on 2026-12-07, machine otherwise idle: peak 149.8 / 154.6 GF
 3.31 / 2.87 s/step, transformers 2.43 / 2.40 s/step (96-97 GFLOP/s: 63-64% of the peak),
 ratio 0.73 / 0.84. 1.5x transformers is then <= 1.62 / 1.60 s/step, where the step's 232.4
 GFLOP alone take 1.55 / 1.50 s at the run's dense matmul peak, and the AdamW update alone
-(jitted and donated, 90.2M float32 params: 71-81 ms; torch's takes ~350 ms) brings that to 1.62
-/ 1.57 s, before norms, softmaxes, the cross-entropy over [2048, 8192] logits, SwiGLU, routing
-and dispatch, each a pass or more over memory, forward and backward. Against the FMA units'
+(jitted and donated, 90.2M float32 params: 71-81 ms; torch's takes ~350 ms) and the
+cross-entropy's softmax alone (forward and backward over the [2048, 8192] logits, no product:
+36 ms) bring that to 1.66 / 1.61 s, over the budget before any norm, attention softmax, SwiGLU,
+routing or dispatch. Against the FMA units'
 own peak (2 cores x 8 lanes x 2 FMAs x 2 flops x ~2.6 GHz: ~166 GFLOP/s; MKL reaches 159 at
 2048^3) the budget leaves ~80 ms for all of that with every product, the experts' skinny ones
 included, at ~95% of it: no library reaches that here at these shapes.
