@@ -59,9 +59,10 @@ Measured on 2026-12-07 on the 2-core CPU VM (jax 0.10.2), defaults (kernels on):
   context 4096: absorbed  9.36 ms/step 427.5 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
                 naive    18.86 ms/step 212.1 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
   absorbed/naive tokens/s at 4096: 2.02
-  The ratio at 4096 over that day's ten runs of this code: median 2.04 (2.00, 2.02, 2.03, 2.05,
-  2.05, 2.07, 2.07, 2.09; 1.83 and 1.76 while the host was busy, absorbed 11.2 and 11.9 ms: the
-  compute-bound form suffers more from a neighbour than the memory-bound one). In another
+  The ratio at 4096 over that day's 13 runs of this code: median 2.02 (2.00, 2.02, 2.03, 2.05,
+  2.05, 2.07, 2.07, 2.09; 1.94, 1.99; 1.83, 1.76 and 1.74 while the host was busy, absorbed
+  11.2-12.0 ms: the compute-bound form suffers more from a neighbour than the memory-bound
+  one). In another
   half-hour the naive form ran at 15.8-17.5 ms (the host's memory less contended) and a variant
   with the same absorbed time (9.2-9.8 ms) gave 1.64-1.89: at batch 4 the 2x is at the edge on
   this shared VM. Other batches at 4096 (absorbed / naive ms per step,
@@ -76,7 +77,7 @@ folds (XLA dots) ~0.5 ms over the layers, the rest (projections, norms, router, 
 layer's MLP) ~1.5 ms. The naive form's attention reads its 80 MiB a layer in ~2.3 ms.
 
 So the absorbed cache is 8x smaller (exactly as predicted) and its step ~2x faster at 4096
-(median 2.04, 1.64-2.09 with the host's load). The absorbed core does 8 heads x (128 + 32 + 128) multiply-adds
+(median 2.02 over 13 runs, 1.74-2.09 with the host's load): not reliably 2x. The absorbed core does 8 heads x (128 + 32 + 128) multiply-adds
 per cached latent (302 MFLOP a step over 4 layers at batch 4 x 4096), where the naive form only
 streams, so the margin rests on the kernel's arithmetic rate. On 2026-11-25 it was 1.64x
 (absorbed 16.22, naive 26.66 ms/step), with the core at ~30% of the FMA peak and the experts
