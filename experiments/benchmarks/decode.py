@@ -77,9 +77,14 @@ folds (XLA dots) ~0.5 ms over the layers, the rest (projections, norms, router, 
 layer's MLP) ~1.5 ms. The naive form's attention reads its 80 MiB a layer in ~2.3 ms.
 
 So the absorbed cache is 8x smaller (exactly as predicted) and its step ~2x faster at 4096
-(median 2.02 over 13 runs, 1.74-2.09 with the host's load): not reliably 2x. The absorbed core does 8 heads x (128 + 32 + 128) multiply-adds
-per cached latent (302 MFLOP a step over 4 layers at batch 4 x 4096), where the naive form only
-streams, so the margin rests on the kernel's arithmetic rate. On 2026-11-25 it was 1.64x
+(median 2.02 over 13 runs, 1.74-2.09 with the host's load): not reliably 2x. The absorbed
+core does 8 heads x (128 + 32 + 128) multiply-adds per cached latent (302 MFLOP a step over 4
+layers at batch 4 x 4096), where the naive form only streams, so the margin rests on the
+kernel's arithmetic rate. Leads, each changing decode rounding (so the main job's and the
+seeds' tables need rerunning): a kernel for the W^UK / W^UV folds (~0.5 ms of XLA dots for
+2 x 256 KiB of weights a layer; ~0.35 ms to gain); kBlock 16 (5-10% off the core alone in an
+interleaved A/B, not yet seen in the step); beyond that the core's L1 residency (from L3 it
+runs at ~0.8 ms a layer on both cores, where its tiles' in-L1 rates give ~0.53). On 2026-11-25 it was 1.64x
 (absorbed 16.22, naive 26.66 ms/step), with the core at ~30% of the FMA peak and the experts
 at ~22 GB/s. What moved it (2026-12-07; the decode logits are bitwise the same as before, on
 `tiny` and `small`): the core's software prefetch goes into L2, a few lines per head pair
