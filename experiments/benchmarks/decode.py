@@ -84,9 +84,9 @@ kernel's arithmetic rate. Leads, each changing decode rounding (so the main job'
 seeds' tables need rerunning): a kernel for the W^UK / W^UV folds (~0.5 ms of XLA dots for
 2 x 256 KiB of weights a layer; ~0.35 ms to gain); kBlock 16 (5-10% off the core alone in an
 interleaved A/B, not yet seen in the step); beyond that the core's L1 residency (from L3 it
-runs at ~0.8 ms a layer on both cores, where its tiles' in-L1 rates give ~0.53). On 2026-11-25 it was 1.64x
-(absorbed 16.22, naive 26.66 ms/step), with the core at ~30% of the FMA peak and the experts
-at ~22 GB/s. What moved it (2026-12-07; the decode logits are bitwise the same as before, on
+runs at ~0.8 ms a layer on both cores, where its tiles' in-L1 rates give ~0.53).
+On 2026-11-25 it was 1.64x (absorbed 16.22, naive 26.66 ms/step), with the core at ~30% of
+the FMA peak and the experts at ~22 GB/s. What moved it (2026-12-07; the decode logits are bitwise the same as before, on
 `tiny` and `small`): the core's software prefetch goes into L2, a few lines per head pair
 (prefetched into L1 64 keys ahead, it evicted the block being scored: 1.6x faster alone); the
 value pass folds 4 heads x 3 vectors (12 FMA chains instead of 8); `stream_rows` applies each
