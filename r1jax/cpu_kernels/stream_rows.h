@@ -17,8 +17,8 @@ constexpr int64_t kShortBlockFloats = 16384;  // 64 KiB: a block of rows that sh
 // w [K, N]): the rows of w stream through once, contiguously, kStreamBlockRows at a time: each
 // vector of those rows is loaded once into registers and applied to every row of acc. Bound by
 // reading w when M is small (decode). Long rows get no software prefetch: the hardware's
-// streams are faster (measured on the 2-core VM: the `small` LM head's 16 MiB at 30 GB/s
-// without, 22 with a burst prefetch of the next rows); short rows get a spread one (below).
+// streams are faster (measured on the 2-core VM: the `small` LM head's 16 MiB at ~26 GB/s
+// without, ~18 with a burst prefetch of the next rows); short rows get a spread one (below).
 inline void stream_rows(const float* x, const float* w, float* acc, int64_t M, int64_t K,
                         int64_t N, int64_t k0, int64_t k1) {
   constexpr int64_t kRows = kStreamBlockRows;

@@ -19,7 +19,6 @@ constexpr int kLanes = 16;
 constexpr int kLanes = 8;
 #endif
 typedef float vw __attribute__((vector_size(4 * kLanes)));
-typedef int32_t vwi __attribute__((vector_size(4 * kLanes)));
 
 inline v8 load8(const float* p) {
   v8 v;
