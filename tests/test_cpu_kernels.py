@@ -1,6 +1,7 @@
 """r1jax's C++ XLA:CPU kernels against their jnp references, and how they are built and chosen.
 
-latent_attention: scores `bshc,btc->bsht` + `bshr,btr->bsht`, masked softmax, `bsht,btc->bshc`.
+latent_attention: `bshd,chd->bshc`, scores `bshc,btc->bsht` + `bshr,btr->bsht`, masked softmax,
+  `bsht,btc->bshc`, `bshc,chd->bshd`.
 routed_experts (decode sizes): per (token, expert) pair SwiGLU, weighted sum over k.
 """
 
@@ -31,20 +32,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _attention_inputs(b, s, h, c, r, t, seed=0, mask_p=0.8):
+def _attention_inputs(b, s, h, c, r, t, d=16, v=16, seed=0, mask_p=0.8):
+  """q_nope, q_rope, latent, rope_key, mask, wkv_b; wkv_b scaled so that the folded queries
+  are ~N(0, 1), as the latent."""
   rng = np.random.default_rng(seed)
   f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   mask = rng.random((b, s, t)) < mask_p
-  return f(b, s, h, c), f(b, s, h, r), f(b, t, c), f(b, t, r), mask
+  wkv_b = (f(c, h, d + v) / np.sqrt(d)).astype(np.float32)
+  return f(b, s, h, d), f(b, s, h, r), f(b, t, c), f(b, t, r), mask, wkv_b
 
 
-def _attention_float64(q, qr, lat, kpe, mask, scale):
+def _attention_float64(q, qr, lat, kpe, mask, wkv_b, scale):
   """The reference's math in numpy float64: what both float32 forms are measured against."""
-  q, qr, lat, kpe = (np.asarray(x, np.float64) for x in (q, qr, lat, kpe))
+  q, qr, lat, kpe, wkv_b = (np.asarray(x, np.float64) for x in (q, qr, lat, kpe, wkv_b))
+  d = q.shape[-1]
+  q = np.einsum("bshd,chd->bshc", q, wkv_b[..., :d])
   scores = np.einsum("bshc,btc->bsht", q, lat) + np.einsum("bshr,btr->bsht", qr, kpe)
   scores = np.where(mask[:, :, None, :], scores * scale, -1e30)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
-  return np.einsum("bsht,btc->bshc", probs / probs.sum(-1, keepdims=True), lat)
+  out = np.einsum("bsht,btc->bshc", probs / probs.sum(-1, keepdims=True), lat)
+  return np.einsum("bshc,chv->bshv", out, wkv_b[..., d:])
 
 
 def _assert_as_accurate(got, reference, exact, slack=2.0):
@@ -67,17 +74,18 @@ def test_kernels_build_here():
 
 
 @pytest.mark.parametrize(
-  "b,s,h,c,r,t",
+  "b,s,h,c,r,t,d,v",
   [
-    (4, 1, 8, 128, 32, 4096),  # the decode benchmark's shape: chunks split across threads
-    (1, 1, 4, 16, 8, 1),  # one key
-    (2, 3, 4, 32, 8, 37),  # several queries, a short last block and quad
-    (3, 2, 8, 16, 16, 300),
-    (1, 8, 12, 48, 8, 1000),  # heads in 3 register tiles
+    (4, 1, 8, 128, 32, 4096, 64, 64),  # the decode benchmark's shape (`small`'s constants)
+    (1, 1, 4, 16, 8, 1, 16, 16),  # one key; `tiny`'s dims
+    (2, 3, 4, 32, 8, 37, 8, 72),  # several queries, a short last block and key tile
+    (3, 2, 8, 16, 16, 300, 16, 16),
+    (1, 8, 12, 48, 8, 1000, 24, 8),  # 12 heads: two groups of 8 lanes, the second half empty
+    (1, 1, 8, 512, 64, 700, 128, 128),  # DeepSeek-V3's constants; one row in chunks
   ],
 )
-def test_latent_attention_matches_the_reference(b, s, h, c, r, t):
-  args = _attention_inputs(b, s, h, c, r, t)
+def test_latent_attention_matches_the_reference(b, s, h, c, r, t, d, v):
+  args = _attention_inputs(b, s, h, c, r, t, d, v)
   fn = jax.jit(lambda *a: latent_attention(*a, 0.3))
   assert "r1jax_latent_attention" in _lowered(fn, *args)
   got = fn(*args)
@@ -87,25 +95,29 @@ def test_latent_attention_matches_the_reference(b, s, h, c, r, t):
 
 
 def test_fully_masked_rows_average_every_key_as_the_reference():
-  q, qr, lat, kpe, mask = _attention_inputs(2, 2, 4, 16, 8, 70)
+  q, qr, lat, kpe, mask, wkv_b = args = _attention_inputs(2, 2, 4, 16, 8, 70)
   mask[0, 1] = False  # no key at all: the reference's -1e30 scores give a uniform softmax
   mask[1, 0] = False
   mask[1, 0, 69] = True  # only the last key
-  got = latent_attention(q, qr, lat, kpe, mask, 0.5)
-  want = latent_attention_reference(q, qr, lat, kpe, mask, 0.5)
-  _assert_as_accurate(got, want, _attention_float64(q, qr, lat, kpe, mask, 0.5))
-  np.testing.assert_allclose(got[0, 1], np.broadcast_to(lat[0].mean(0), (4, 16)), atol=1e-6)
-  np.testing.assert_allclose(got[1, 0], np.broadcast_to(lat[1, 69], (4, 16)), atol=1e-6)
+  got = latent_attention(*args, 0.5)
+  want = latent_attention_reference(*args, 0.5)
+  _assert_as_accurate(got, want, _attention_float64(*args, 0.5))
+  unfold = lambda o: np.einsum("c,chv->hv", o.astype(np.float64), wkv_b[..., 16:])
+  np.testing.assert_allclose(got[0, 1], unfold(lat[0].mean(0)), atol=1e-6)
+  np.testing.assert_allclose(got[1, 0], unfold(lat[1, 69]), atol=1e-6)
 
 
 def test_latent_attention_falls_back_where_the_kernel_does_not_apply():
-  args = _attention_inputs(1, 9, 4, 16, 8, 20)  # 9 queries: a prefill chunk
-  assert "r1jax_latent_attention" not in _lowered(lambda *a: latent_attention(*a, 0.3), *args)
-  bf16 = [x.astype(jnp.bfloat16) for x in args[:4]] + [args[4]]
-  short = [x[:, :1] for x in bf16[:2]] + bf16[2:4] + [bf16[4][:, :1]]
-  assert "r1jax_latent_attention" not in _lowered(lambda *a: latent_attention(*a, 0.3), *short)
+  q, qr, lat, kpe, mask, wkv_b = _attention_inputs(1, 9, 4, 16, 8, 20)  # 9 queries: a prefill
+  fn = lambda *a: latent_attention(*a, 0.3)
+  assert "r1jax_latent_attention" not in _lowered(fn, q, qr, lat, kpe, mask, wkv_b)
+  one = (q[:, :1], qr[:, :1], lat, kpe, mask[:, :1], wkv_b)
+  assert "r1jax_latent_attention" in _lowered(fn, *one)
+  bf16 = [x.astype(jnp.bfloat16) if x.dtype == np.float32 else x for x in one]
+  assert "r1jax_latent_attention" not in _lowered(fn, *bf16)
+  odd_value = (*one[:5], np.concatenate([wkv_b, wkv_b[..., :4]], -1))  # v = 20: not 8's
+  assert "r1jax_latent_attention" not in _lowered(fn, *odd_value)
   off = lambda *a: latent_attention(*a, 0.3, use_kernel=False)
-  one = [x[:, :1] for x in args[:2]] + list(args[2:4]) + [args[4][:, :1]]
   assert "r1jax_latent_attention" not in _lowered(off, *one)
 
 
@@ -118,10 +130,10 @@ def test_export_for_tpu_lowers_no_cpu_kernel():
 
 
 def test_latent_attention_gradient_is_the_references():
-  q, qr, lat, kpe, mask = _attention_inputs(2, 1, 4, 16, 8, 33)
-  loss = lambda fn: lambda q, lat: jnp.sum(jnp.sin(fn(q, qr, lat, kpe, mask, 0.3)))
-  got = jax.grad(loss(latent_attention), argnums=(0, 1))(q, lat)
-  want = jax.grad(loss(latent_attention_reference), argnums=(0, 1))(q, lat)
+  q, qr, lat, kpe, mask, wkv_b = _attention_inputs(2, 1, 4, 16, 8, 33)
+  loss = lambda fn: lambda q, lat, w: jnp.sum(jnp.sin(fn(q, qr, lat, kpe, mask, w, 0.3)))
+  got = jax.grad(loss(latent_attention), argnums=(0, 1, 2))(q, lat, wkv_b)
+  want = jax.grad(loss(latent_attention_reference), argnums=(0, 1, 2))(q, lat, wkv_b)
   for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 

@@ -295,15 +295,12 @@ class MLA(nn.Module):
 
   def _absorbed(self, w, q_nope, q_pe, latent, k_pe, mask):
     """W^UK folded into the query, W^UV into the output: attention over the latent itself."""
-    nope = self.cfg.qk_nope_head_dim
-    wkv_b = w["wkv_b"]
-    q_latent = jnp.einsum("bshd,chd->bshc", q_nope, wkv_b[..., :nope])
-    # scores `bshc,btc->bsht` + `bshr,btr->bsht`, masked softmax, `bsht,btc->bshc`: a fused
-    # C++ kernel for decode steps on XLA:CPU (r1jax.cpu_kernels.latent_attention)
-    out_latent = latent_attention(
-      q_latent, q_pe, latent, k_pe, mask, softmax_scale(self.cfg), self.cfg.cpu_kernels
+    # `bshd,chd->bshc`, scores `bshc,btc->bsht` + `bshr,btr->bsht`, masked softmax,
+    # `bsht,btc->bshc`, `bshc,chd->bshd`: one fused C++ kernel for decode steps on XLA:CPU
+    # (r1jax.cpu_kernels.latent_attention)
+    out = latent_attention(
+      q_nope, q_pe, latent, k_pe, mask, w["wkv_b"], softmax_scale(self.cfg), self.cfg.cpu_kernels
     )
-    out = jnp.einsum("bshc,chd->bshd", out_latent, wkv_b[..., nope:])
     return small_matmul("bshd,hdm->bsm", out, w["wo"], self.cfg.cpu_kernels, n_in=2)
 
   def _naive_cached(self, w, q_nope, q_pe, keys, values, mask):
