@@ -10,7 +10,7 @@ forms differ only in `ModelConfig.decode_cache`; the weights are the same.
 
   absorbed  cache latent [b, T, c] + rope_key [b, T, r]: (128 + 32) x 4 B = 640 B per token and
             layer. Per step: q folded through W^UK (`bshd,chd->bshc`), scores `bshc,btc->bsht` +
-            `bshr,btr->bsht`, values `bsht,btc->bshc`, then W^UV and wo.
+            `bshr,btr->bsht`, values `bsht,btc->bshc`, then W^UV (`bshc,chd->bshd`) and wo.
   naive     cache key [b, h, T, d+r] + value [b, h, T, d_v]: 8 x (96 + 64) x 4 B = 5120 B per
             token and layer (8x). Per step: the new token's K and V expanded once from its
             latent, scores `bshd,bhtd->bsht`, values `bsht,bhtd->bshd`.
@@ -47,52 +47,66 @@ scan_layers (True by default), so its steps pay this.
 
 C++ kernels (ModelConfig.cpu_kernels, on by default; --nocpu_kernels runs XLA's ops only): on
 XLA:CPU a decode step runs three kernels of r1jax/cpu_kernels, XLA FFI handlers compiled on
-first use: the absorbed attention core (latent_attention.cc: scores, masked online softmax and
-values in one pass over each block of keys for all heads, rows and key chunks over XLA's
-intra-op threads), the routed experts at decode sizes (routed_experts.cc: each used expert's
-weights streamed once) and every decode-size weight product (small_matmul.cc: projections,
-MLPs, LM head). The naive form uses the last two as well, so the comparison stays one of caches.
+first use: the absorbed attention (latent_attention.cc: the W^UK fold, scores, masked online
+softmax and values in one pass over each block of keys for all heads, the W^UV fold; rows and
+key chunks over XLA's intra-op threads), the routed experts at decode sizes
+(routed_experts.cc: each used expert's weights streamed once) and every decode-size weight
+product (small_matmul.cc: projections, MLPs, LM head). The naive form uses the last two as
+well, so the comparison stays one of caches.
 
-Measured on 2026-12-07 on the 2-core CPU VM (jax 0.10.2), defaults (kernels on):
-  context  512: absorbed  6.74 ms/step 593.2 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
-                naive     7.59 ms/step 526.8 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
-  context 4096: absorbed  9.36 ms/step 427.5 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
-                naive    18.86 ms/step 212.1 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
-  absorbed/naive tokens/s at 4096: 2.02
-  The ratio at 4096 over that day's 13 runs of this code: median 2.02 (2.00, 2.02, 2.03, 2.05,
-  2.05, 2.07, 2.07, 2.09; 1.94, 1.99; 1.83, 1.76 and 1.74 while the host was busy, absorbed
-  11.2-12.0 ms: the compute-bound form suffers more from a neighbour than the memory-bound
-  one). In another
-  half-hour the naive form ran at 15.8-17.5 ms (the host's memory less contended) and a variant
-  with the same absorbed time (9.2-9.8 ms) gave 1.64-1.89: at batch 4 the 2x is at the edge on
-  this shared VM. Other batches at 4096 (absorbed / naive ms per step,
-  ratio): --batch=8 16.59 / 37.31, 2.25; --batch=16 28.32 / 66.98, 2.36.
+Measured on 2026-12-07 on the 2-core CPU VM (jax 0.10.2), defaults (kernels on), a run near
+the median of that afternoon's:
+  context  512: absorbed  6.60 ms/step 605.6 tokens/s, cache  5.00 MiB (= predicted 5242880 B)
+                naive     8.51 ms/step 469.9 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+  context 4096: absorbed  8.24 ms/step 485.2 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
+                naive    17.48 ms/step 228.9 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
+  absorbed/naive tokens/s at 4096: 2.12
+  The ratio at 4096 over that day's 13 runs of this code: median 2.13 (2.09, 2.12, 2.13, 2.13,
+  2.16, 2.17, 2.18, 2.19, 2.24, 2.34; 2.03; 1.97 and 1.94).
+  The host's load moves the two forms differently: a busy neighbour slows the compute-bound
+  absorbed step most (up to ~10.8 ms), a quiet memory speeds the memory-bound naive one most
+  (16.3 and 17.2 ms in the runs at 1.97 and 2.03). Other batches at 4096 (absorbed / naive ms per
+  step, ratio): --batch=8 15.57 / 34.76, 2.23; --batch=16 27.19 / 66.39, 2.44.
   --nocpu_kernels (2026-11-25): 512: absorbed 16.60, naive 16.77 ms/step; 4096: absorbed 25.11,
   naive 30.58 ms/step, 1.22 (1.17 on 2026-11-24, before the kernels).
-Where the absorbed step goes (jax.profiler, 4096 tokens, batch 4): the four attention cores
-~0.9-1.1 ms each in the step (0.78-0.88 ms alone on both cores: ~55% of the FMA peak, the
-latent read at ~12 GB/s), the three routed-expert layers ~1.0 ms each (~31 MiB of expert
-weights a layer: ~31 GB/s, the memory's rate), the LM head 0.6-0.9 ms (16 MiB), the W^UK / W^UV
-folds (XLA dots) ~0.5 ms over the layers, the rest (projections, norms, router, the dense
-layer's MLP) ~1.5 ms. The naive form's attention reads its 80 MiB a layer in ~2.3 ms.
+Where the absorbed step goes (jax.profiler, 4096 tokens, batch 4, 8.6 ms): the four attention
+kernels ~0.8 ms each, folds included (alone on both cores ~0.70 ms median, ~0.63 at the 10th
+percentile: the core ~0.56-0.60, the W^UK fold ~0.05, the W^UV fold ~0.02), the three
+routed-expert layers ~0.8-1.0 ms each (~31 MiB of expert weights a layer: ~31 GB/s, the
+memory's rate), the LM head ~0.6-0.7 ms (16 MiB), the dense layer's MLP ~0.37 ms, the other
+decode-size products (q, kv, wo, shared experts) ~0.8 ms over the layers at 13-21 GB/s, XLA's
+small ops the rest. The naive form's attention reads its 80 MiB a layer at the memory's rate:
+~2.7 ms a layer.
 
-So the absorbed cache is 8x smaller (exactly as predicted) and its step ~2x faster at 4096
-(median 2.02 over 13 runs, 1.74-2.09 with the host's load): not reliably 2x. The absorbed
-core does 8 heads x (128 + 32 + 128) multiply-adds per cached latent (302 MFLOP a step over 4
-layers at batch 4 x 4096), where the naive form only streams, so the margin rests on the
-kernel's arithmetic rate. Leads, each changing decode rounding (so the main job's and the
-seeds' tables need rerunning): a kernel for the W^UK / W^UV folds (~0.5 ms of XLA dots for
-2 x 256 KiB of weights a layer; ~0.35 ms to gain); kBlock 16 (5-10% off the core alone in an
-interleaved A/B, not yet seen in the step); beyond that the core's L1 residency (from L3 it
-runs at ~0.8 ms a layer on both cores, where its tiles' in-L1 rates give ~0.53).
-On 2026-11-25 it was 1.64x (absorbed 16.22, naive 26.66 ms/step), with the core at ~30% of
-the FMA peak and the experts at ~22 GB/s. What moved it (2026-12-07; the decode logits are bitwise the same as before, on
-`tiny` and `small`): the core's software prefetch goes into L2, a few lines per head pair
-(prefetched into L1 64 keys ahead, it evicted the block being scored: 1.6x faster alone); the
-value pass folds 4 heads x 3 vectors (12 FMA chains instead of 8); `stream_rows` applies each
-loaded weight vector to every row of x, and fetches short rows' next block into L2 (the experts
-~22 -> ~31 GB/s, the head ~18 -> ~26). Tried and within noise: prefetch distances 32-128
-keys, blocks of 16-64 keys, an L1 prefetch of the next block, 8 work items per thread.
+So the absorbed cache is 8x smaller (exactly as predicted) and its step ~2.1x faster at 4096
+(median 2.13, 1.94-2.34): about 2x when the host's memory is quiet, more when it is busy. The
+absorbed attention does 8 heads x (128 + 32 + 128) multiply-adds per cached latent (302 MFLOP
+a step over 4 layers at batch 4 x 4096), where the naive form only streams, so the margin
+rests on the kernel's arithmetic rate: its score tile runs at ~94% of the FMA peak on keys in
+L1, the whole core at ~65-80% of it from memory, and the step's other ~5.5 ms (experts, head,
+projections: the same in both forms, bound by reading weights) dilute the ratio.
+
+History: 1.64x on 2026-11-25 (absorbed 16.22, naive 26.66 ms/step: the core at ~30% of the
+FMA peak, the experts at ~22 GB/s); 2.02 (median of 13 runs) on the morning of 2026-12-07,
+after the core's prefetch went into L2, its value tiles to 4 heads x 3 vectors and
+`stream_rows` to applying each weight vector to every row (experts ~22 -> ~31 GB/s). Then, that
+afternoon (decode rounding changed; the main job and `r1_seeds` were rerun for the README):
+  - The score tile puts the 8 heads in the vector lanes: per latent dim one vector of the
+    (transposed, pre-scaled) queries against each of 12 keys' element broadcast, 12 FMA
+    chains, no cross-lane sums and every key read once per block (the 2 heads x 4 keys tile
+    reloaded each key per head pair and summed across lanes): 0.75x the core's time in an
+    interleaved A/B, two threads, b 4, t 4096.
+  - Blocks of 36 keys, 3 whole tiles (32 left a 4-key tail tile): 0.91x.
+  - Scores in log2 units (scale x log2(e) folded into the queries), so the softmax takes exp2.
+  - Scores summed in blocks of 32 dims (float32 error as the old layout's; one 160-term chain
+    doubled the error against float64 and failed the accuracy test): 1.03x.
+  - The W^UK and W^UV folds inside the kernel: XLA's two dots took ~0.04 and ~0.075 ms a layer
+    (the second on a strided slice of wkv_b), the kernel's ~0.05 and ~0.02.
+  Tried and within noise or worse: an L1 prefetch of the next key tile; the mask and block max
+  in the score tile's epilogue; exp2 by _mm256_round_ps; w read in order in the W^UK fold;
+  more, smaller work items (8 and 16 instead of 4: 1.03x and 1.09x); prefetch distances 32,
+  128 and 192 keys. Earlier (morning): prefetch distances 32-128 keys, blocks of 16-64 keys, an
+  L1 prefetch of the next block.
 
 Earlier settings, without the kernels (2026-11-24 and 25, at 4096, absorbed / naive ms per
 step, tokens/s ratio):

@@ -395,6 +395,14 @@ ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nop
               *kpep = kpe.typed_data(), *wp = wkv_b.typed_data();
   const bool* maskp = mask.typed_data();
   const ChunkFn attend = chunk_fn(d);
+  float* outp = out->typed_data();
+  // A row's merge and value fold, once its chunks are done: in the item itself when the row is
+  // one chunk (decode at batch >= threads), else after all items, a row per item.
+  const auto finish_row = [&](int64_t row) {
+    std::vector<float> o(HC);
+    merge(d, row, chunks, m, l, acc, o.data());
+    fold_value(d, o.data(), wp, outp + row * d.H * d.DV);
+  };
   r1jax::parallel_for(pool, items, [&](int64_t it) {
     const int64_t row = it / chunks, c = it % chunks, b = row / d.S;
     const int64_t t0 = c * chunk, t1 = std::min(d.T, t0 + chunk);
@@ -403,13 +411,9 @@ ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nop
     attend(d, q_latent.data(), qrp + row * d.H * d.R, latp + b * d.T * d.C,
            kpep + b * d.T * d.R, maskp + row * d.T, t0, t1, m.data() + it * d.H,
            l.data() + it * d.H, acc.data() + it * HC);
+    if (chunks == 1) finish_row(row);
   });
-  float* outp = out->typed_data();
-  r1jax::parallel_for(pool, rows, [&](int64_t row) {
-    std::vector<float> o(HC);
-    merge(d, row, chunks, m, l, acc, o.data());
-    fold_value(d, o.data(), wp, outp + row * d.H * d.DV);
-  });
+  if (chunks > 1) r1jax::parallel_for(pool, rows, finish_row);
   return ffi::Error::Success();
 }
 

@@ -14,8 +14,9 @@ the fused C++ kernel `latent_attention.cc` instead: the query fold, one pass ove
 for all heads (online softmax, the block folded into the output while in L1), the value fold,
 rows and key chunks spread over XLA's intra-op threads. The reason: with few heads the scores
 are a skinny product against the transposed latent, which XLA:CPU's dot kernels run far below
-the machine's rate (on `small` at 4 x 4096 keys, 2-core VM: ~2.6 against ~0.65 ms per layer,
-experiments/benchmarks/decode.py), and its dots take ~0.1 ms a layer for the two folds' 0.5 MiB.
+the machine's rate (on `small` at 4 x 4096 keys, 2-core VM: ~2.6 ms per layer against the
+kernel's ~0.7, folds included, experiments/benchmarks/decode.py), and its dots took ~0.12 ms a
+layer for the two folds' 0.5 MiB, against ~0.07 in the kernel.
 Other platforms lower the reference (the choice is made per lowering platform, so
 `jax.export(..., platforms=("tpu",))` on a CPU host is clean).
 """
