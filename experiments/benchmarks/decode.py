@@ -61,11 +61,11 @@ the median of that afternoon's:
   context 4096: absorbed  8.24 ms/step 485.2 tokens/s, cache 40.00 MiB (= predicted 41943040 B)
                 naive    17.48 ms/step 228.9 tokens/s, cache 320.0 MiB (= predicted 335544320 B)
   absorbed/naive tokens/s at 4096: 2.12
-  The ratio at 4096 over that day's 13 runs of this code: median 2.13 (2.09, 2.12, 2.13, 2.13,
-  2.16, 2.17, 2.18, 2.19, 2.24, 2.34; 2.03; 1.97 and 1.94).
+  The ratio at 4096 over that day's 21 runs of this code: median 2.12; 19 runs at 2.03-2.34,
+  two under 2x (1.94 and 1.97).
   The host's load moves the two forms differently: a busy neighbour slows the compute-bound
-  absorbed step most (up to ~10.8 ms), a quiet memory speeds the memory-bound naive one most
-  (16.3 and 17.2 ms in the runs at 1.97 and 2.03). Other batches at 4096 (absorbed / naive ms per
+  absorbed step most (up to ~11.8 ms), a quiet memory speeds the memory-bound naive one most
+  (16.3-17.6 ms in the quietest runs, which gave 1.97-2.13). Other batches at 4096 (absorbed / naive ms per
   step, ratio): --batch=8 15.57 / 34.76, 2.23; --batch=16 27.19 / 66.39, 2.44.
   --nocpu_kernels (2026-11-25): 512: absorbed 16.60, naive 16.77 ms/step; 4096: absorbed 25.11,
   naive 30.58 ms/step, 1.22 (1.17 on 2026-11-24, before the kernels).
@@ -79,12 +79,13 @@ small ops the rest. The naive form's attention reads its 80 MiB a layer at the m
 ~2.7 ms a layer.
 
 So the absorbed cache is 8x smaller (exactly as predicted) and its step ~2.1x faster at 4096
-(median 2.13, 1.94-2.34): about 2x when the host's memory is quiet, more when it is busy. The
-absorbed attention does 8 heads x (128 + 32 + 128) multiply-adds per cached latent (302 MFLOP
-a step over 4 layers at batch 4 x 4096), where the naive form only streams, so the margin
-rests on the kernel's arithmetic rate: its score tile runs at ~94% of the FMA peak on keys in
-L1, the whole core at ~65-80% of it from memory, and the step's other ~5.5 ms (experts, head,
-projections: the same in both forms, bound by reading weights) dilute the ratio.
+(median 2.12 over 21 runs, 1.94-2.34): 2.0-2.1x when the host's memory is quiet, more when
+it is busy. The absorbed attention does 8 heads x (128 + 32 + 128) multiply-adds per cached
+latent (302 MFLOP a step over 4 layers at batch 4 x 4096), where the naive form only streams,
+so the margin rests on the kernel's arithmetic rate: its score tile runs at ~94% of the FMA
+peak on keys in L1, the whole core at ~65-80% of it from memory, and the step's other ~5.5 ms
+(experts, head, projections: the same in both forms, bound by reading weights) dilute the
+ratio.
 
 History: 1.64x on 2026-11-25 (absorbed 16.22, naive 26.66 ms/step: the core at ~30% of the
 FMA peak, the experts at ~22 GB/s); 2.02 (median of 13 runs) on the morning of 2026-12-07,
