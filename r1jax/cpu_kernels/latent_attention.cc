@@ -18,8 +18,8 @@
 // into the output (tiles of 4 heads x 24 latent dims) while it is still in L1.
 //
 // Work items are (row (b, s), chunk of keys): a decode step's few rows are split along the keys
-// too (flash-decoding) so that every thread of XLA's intra-op pool has work; each item folds its
-// row's query (a 256 KiB read of W^UK on `small`), and the chunks' partial results (max, sum,
+// too (flash-decoding) so that every thread of XLA's intra-op pool has work; each row's query is
+// folded once (a 256 KiB read of W^UK on `small`), and the chunks' partial results (max, sum,
 // unnormalised output) are merged per row at the end, then folded through W^UV. The two folds
 // are vector-matrix products with 8 heads' small matrices, which XLA's dots ran at ~40 and ~75 us
 // a layer on the 2-core VM (the second on a strided slice of wkv_b) for ~10 us of reading.
@@ -396,19 +396,24 @@ ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nop
   const bool* maskp = mask.typed_data();
   const ChunkFn attend = chunk_fn(d);
   float* outp = out->typed_data();
-  // A row's merge and value fold, once its chunks are done: in the item itself when the row is
-  // one chunk (decode at batch >= threads), else after all items, a row per item.
+  // A row's query fold, before its chunks, and its merge and value fold, after them: in the item
+  // itself when the row is one chunk (decode at batch >= threads), else in a pass over the rows
+  // before and after the items (a row per item), so that no chunk folds the query again.
+  std::vector<float> q_latent(rows * HC);
+  const auto start_row = [&](int64_t row) {
+    fold_query(d, qp + row * d.H * d.D, wp, q_latent.data() + row * HC);
+  };
   const auto finish_row = [&](int64_t row) {
     std::vector<float> o(HC);
     merge(d, row, chunks, m, l, acc, o.data());
     fold_value(d, o.data(), wp, outp + row * d.H * d.DV);
   };
+  if (chunks > 1) r1jax::parallel_for(pool, rows, start_row);
   r1jax::parallel_for(pool, items, [&](int64_t it) {
     const int64_t row = it / chunks, c = it % chunks, b = row / d.S;
     const int64_t t0 = c * chunk, t1 = std::min(d.T, t0 + chunk);
-    std::vector<float> q_latent(HC);
-    fold_query(d, qp + row * d.H * d.D, wp, q_latent.data());
-    attend(d, q_latent.data(), qrp + row * d.H * d.R, latp + b * d.T * d.C,
+    if (chunks == 1) start_row(row);
+    attend(d, q_latent.data() + row * HC, qrp + row * d.H * d.R, latp + b * d.T * d.C,
            kpep + b * d.T * d.R, maskp + row * d.T, t0, t1, m.data() + it * d.H,
            l.data() + it * d.H, acc.data() + it * HC);
     if (chunks == 1) finish_row(row);
